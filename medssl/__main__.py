@@ -1,0 +1,3 @@
+from medssl.cli import main
+
+raise SystemExit(main())

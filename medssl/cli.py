@@ -1,0 +1,178 @@
+"""The ``medssl`` console script: parse arguments, then call a typed function a Python user can call too.
+
+User errors (:class:`medssl.errors.MedsslError`) print ``medssl: error: <file>: <problem>`` (one line per
+problem) and exit with code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from medssl.errors import MedsslError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USER_ERROR = 2
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _add(sub, name: str, help_: str, example: str, func: Callable[[argparse.Namespace], int | None]):
+    p = sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {example}", formatter_class=_formatter)
+    p.set_defaults(func=func)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from medssl.data.phantoms import generate_phantom_dataset
+
+    datalist = generate_phantom_dataset(
+        args.kind, args.out, cases=args.cases, unlabeled=args.unlabeled, seed=args.seed, shape=args.shape
+    )
+    print(datalist)
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from medssl.data.prepare import prepare_dataset
+
+    out = prepare_dataset(args.dataset, args.root, args.out, split=args.split)
+    print(out)
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from medssl.data.datalist import check_datalist
+
+    report = check_datalist(args.datalist, dataset_dir=args.dataset_dir, keys=args.keys)
+    print(report)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from medssl.checkpoint import describe_checkpoint, load_checkpoint
+
+    ckpt = load_checkpoint(args.checkpoint)
+    print(describe_checkpoint(ckpt))
+    if args.into:
+        from medssl.networks.pretrained import load_into_bundle
+
+        report = load_into_bundle(args.checkpoint, args.into, allow_partial=args.allow_partial)
+        print(report.format())
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from medssl.metrics import evaluate_folder
+
+    summary = evaluate_folder(args.pred, args.ref, args.out, dataset_dir=args.dataset_dir, key=args.key)
+    print(summary)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medssl import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="medssl",
+        description="Label-efficient 3D medical image segmentation on MONAI.",
+        formatter_class=_formatter,
+        epilog="example:\n  medssl phantom ct-abdomen --out data/ct_phantom --cases 6 --unlabeled 4",
+    )
+    parser.add_argument("--version", action="version", version=f"medssl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = _add(
+        sub,
+        "phantom",
+        "write a deterministic synthetic dataset (CT abdomen with 13 BTCV organs, or LA MRI) and its datalist",
+        "medssl phantom ct-abdomen --out data/ct_phantom --cases 6 --unlabeled 4 --seed 0",
+        _cmd_phantom,
+    )
+    p.add_argument("kind", choices=["ct-abdomen", "la-mri"], help="which phantom")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--cases", type=int, default=6, help="labeled cases (default: 6)")
+    p.add_argument("--unlabeled", type=int, default=4, help="unlabeled cases (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="volume shape in voxels")
+
+    p = _add(
+        sub,
+        "prepare",
+        "write a Decathlon-format datalist for a real dataset folder (BTCV, TCIA-COVID19, LA 2018)",
+        "medssl prepare btcv --root /data/RawData --out data/btcv.json --split init_6",
+        _cmd_prepare,
+    )
+    p.add_argument("dataset", choices=["btcv", "tcia", "la2018"], help="dataset layout")
+    p.add_argument("--root", required=True, help="the dataset's raw folder")
+    p.add_argument("--out", required=True, help="datalist JSON to write")
+    p.add_argument("--split", default=None, help="reference split to apply (default: the dataset's full split)")
+
+    p = _add(
+        sub,
+        "check",
+        "validate a datalist: files exist and parse, 3D, image/label agree in shape and affine, labels in range",
+        "medssl check data/ct_phantom/datalist.json",
+        _cmd_check,
+    )
+    p.add_argument("datalist", help="Decathlon-format datalist JSON")
+    p.add_argument("--dataset-dir", default=None, help="base of relative paths (default: the datalist's folder)")
+    p.add_argument("--keys", nargs="+", default=None, help="datalist keys to check (default: all present)")
+
+    p = _add(
+        sub,
+        "inspect",
+        "print a checkpoint's metadata; with --into, the report of loading its ViT into a bundle's network",
+        "medssl inspect runs/ssl/model.pt --into bundles/btcv_unetr.yaml",
+        _cmd_inspect,
+    )
+    p.add_argument("checkpoint", help="a medssl checkpoint (.pt)")
+    p.add_argument("--into", default=None, help="bundle config whose network_def receives the weights")
+    p.add_argument("--allow-partial", action="store_true", help="report instead of failing on missing tensors")
+
+    p = _add(
+        sub,
+        "evaluate",
+        "score predicted label maps against references: Dice, Jaccard, HD95 and ASD (mm) per case and class",
+        "medssl evaluate --pred runs/infer --ref data/ct_phantom/datalist.json --out runs/metrics.csv",
+        _cmd_evaluate,
+    )
+    p.add_argument("--pred", required=True, help="folder of <name>_seg.nii.gz predictions")
+    p.add_argument("--ref", required=True, help="datalist JSON or folder of reference label maps")
+    p.add_argument("--out", required=True, help="CSV to write (a Markdown summary is written beside it)")
+    p.add_argument("--dataset-dir", default=None, help="base of the datalist's relative paths")
+    p.add_argument("--key", default="validation", help="datalist key holding the references (default: validation)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except MedsslError as e:
+        for line in str(e).splitlines():
+            print(f"medssl: error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("medssl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
