@@ -24,7 +24,6 @@ import os
 import pickle
 import random
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,10 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from medssl.atomic import atomic_write
 from medssl.errors import CheckpointError
 
 __all__ = [
     "FORMAT",
+    "atomic_write",
     "atomic_torch_save",
     "make_checkpoint",
     "save_checkpoint",
@@ -65,28 +66,8 @@ def versions() -> dict[str, str]:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, fsync it, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass  # some file systems do not support fsync on directories; the data itself is synced
-    return path
+    """``torch.save(obj)`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _plain(value: Any) -> Any:
