@@ -1,0 +1,614 @@
+"""Ignite handlers shared by every medssl training bundle: checkpoints with exact resume, image grids, progress.
+
+- :class:`CheckpointHandler` writes ``model.pt`` (best validation metric, self-describing) and ``last.pt``
+  (plus optimizer, scheduler, scaler, extra modules such as an EMA teacher, RNG states, engine progress), both
+  atomically, and with ``resume=True`` restores ``last.pt`` when the trainer starts.
+- :class:`MetricHistory` appends every validation result to a CSV.
+- :func:`image_grid` / :func:`save_image_grid`, :class:`ImageGridSaver` (PNG once, at the first iteration) and
+  :class:`TensorBoardImageGrid` (every N epochs).
+- :class:`ProgressBar`: ignite's tqdm bar with chosen output scalars.
+
+Checkpoint keys (``medssl.checkpoint`` format): ``model.pt`` = network, state_dict, preprocessing, labels,
+stage, progress, ``best``; ``last.pt`` adds ``optimizer``, ``scheduler``, ``scaler``, one key per extra module
+(e.g. ``teacher``), ``rng`` (torch / numpy / python / CUDA) and ``transform_rng`` (MONAI random transforms).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medssl.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from medssl.engines.utils import as_bool
+from medssl.errors import CheckpointError
+
+__all__ = [
+    "CheckpointHandler",
+    "MetricHistory",
+    "image_grid",
+    "save_image_grid",
+    "ImageGridSaver",
+    "TensorBoardImageGrid",
+    "ProgressBar",
+    "random_transforms",
+    "capture_transform_rng",
+    "restore_transform_rng",
+]
+
+logger = logging.getLogger(__name__)
+
+_RESERVED = {
+    "format",
+    "network",
+    "state_dict",
+    "preprocessing",
+    "labels",
+    "stage",
+    "progress",
+    "versions",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "transform_rng",
+    "best",
+}
+
+
+# ------------------------------------------------------------------------------------ transform RNG states
+
+
+def random_transforms(transform: Any) -> list:
+    """Every MONAI ``Randomizable`` inside ``transform`` in a stable (structural) order.
+
+    Looks through ``Compose`` / ``OneOf`` lists and through attributes, because dictionary transforms such as
+    ``RandSpatialCropSamplesd`` or ``RandCoarseShuffled`` hold an array transform with a generator of its own.
+    """
+    from monai.transforms import Randomizable
+
+    found: list = []
+    seen: set[int] = set()
+
+    def visit(t: Any, depth: int) -> None:
+        if id(t) in seen or depth > 8:
+            return
+        seen.add(id(t))
+        if isinstance(t, Randomizable):
+            found.append(t)
+        children = getattr(t, "transforms", None)
+        if isinstance(children, (list, tuple)):
+            for c in children:
+                visit(c, depth + 1)
+        for value in vars(t).values() if hasattr(t, "__dict__") else ():
+            if isinstance(value, Randomizable) or hasattr(value, "transforms"):
+                visit(value, depth + 1)
+
+    visit(transform, 0)
+    return found
+
+
+def capture_transform_rng(transform: Any) -> dict[str, Any]:
+    """The numpy generator states of every random transform (``weights_only``-safe), for exact resume.
+
+    Transforms may share a generator (and MONAI re-creates some per call), so the states are stored once per
+    distinct generator together with which transform owned which one.
+    """
+    owners, states, index = [], [], {}
+    for t in random_transforms(transform):
+        if id(t.R) not in index:
+            index[id(t.R)] = len(states)
+            _, keys, pos, has_gauss, cached = t.R.get_state()
+            keys = torch.from_numpy(keys.astype(np.int64))
+            states.append({"keys": keys, "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)})
+        owners.append(index[id(t.R)])
+    return {"owners": owners, "states": states}
+
+
+def restore_transform_rng(transform: Any, saved: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_transform_rng`, including which transforms share a generator.
+
+    Raises:
+        CheckpointError: the transform chain has a different number of random transforms than the saved one.
+    """
+    targets = random_transforms(transform)
+    owners = list(saved["owners"])
+    if len(targets) != len(owners):
+        raise CheckpointError(None, f"saved {len(owners)} random transform states but the chain has {len(targets)}")
+    generators = []
+    for s in saved["states"]:
+        g = np.random.RandomState()
+        g.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]))
+        generators.append(g)
+    for t, owner in zip(targets, owners):
+        t.R = generators[owner]
+
+
+# -------------------------------------------------------------------------------------------- checkpoints
+
+
+def _state_dict(obj: Any) -> Any:
+    module = obj.module if hasattr(obj, "module") and isinstance(obj, torch.nn.Module) else obj  # unwrap DDP
+    return module.state_dict()
+
+
+def _load_state(obj: Any, state: Any) -> None:
+    module = obj.module if hasattr(obj, "module") and isinstance(obj, torch.nn.Module) else obj
+    module.load_state_dict(state)
+
+
+class CheckpointHandler:
+    """Best and last checkpoints of a trainer, and exact resume from the last one.
+
+    Attach it to the trainer **first** in ``train_handlers`` (so the restore runs before other ``STARTED``
+    handlers, such as a validation at start). The epoch-end save is registered when the run starts, i.e. after
+    every handler attached in the bundle, so it sees the validation result of the same epoch.
+
+    Args:
+        output_dir: folder of ``model.pt`` / ``last.pt``.
+        network: the trained network (DDP-wrapped is fine).
+        network_config: the plain ``_target_`` dict that rebuilds ``network`` (see
+            :func:`medssl.engines.utils.network_config`).
+        stage: e.g. ``"ssl_pretrain"``, ``"finetune"``, ``"mean_teacher"``.
+        preprocessing: :func:`medssl.transforms.presets.preprocessing_summary` dict.
+        labels: label index → name.
+        optimizer, scheduler: saved in / restored from ``last.pt``.
+        extra_modules: more objects with ``state_dict``/``load_state_dict`` saved in ``last.pt`` under their name
+            (e.g. ``{"teacher": ema_model}``).
+        evaluator: the validation engine (epoch- or iteration-level ``ValidationHandler``); ``model.pt`` is written
+            when its ``key_metric`` improves. A validation at start selects nothing. Without an evaluator,
+            ``model.pt`` is written every epoch.
+        key_metric: name in ``evaluator.state.metrics``.
+        mode: ``"min"`` (losses) or ``"max"`` (Dice).
+        train_transform: the training transform chain whose random states are saved for exact resume.
+        resume: restore ``output_dir/last.pt`` at start when it exists (a fresh start otherwise, logged).
+        save_interval: write ``last.pt`` every N epochs, and at the end of the run (also one stopped by
+            ``max_iterations`` mid-epoch).
+        rank: only rank 0 writes.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        network: torch.nn.Module,
+        network_config: Mapping[str, Any],
+        stage: str,
+        *,
+        preprocessing: Mapping[str, Any] | None = None,
+        labels: Mapping[Any, str] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        extra_modules: Mapping[str, Any] | None = None,
+        evaluator: Any = None,
+        key_metric: str = "val_loss",
+        mode: str = "min",
+        train_transform: Any = None,
+        resume: bool = False,
+        save_interval: int = 1,
+        rank: int = 0,
+        best_name: str = "model.pt",
+        last_name: str = "last.pt",
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if save_interval < 1:
+            raise ValueError(f"save_interval must be >= 1, got {save_interval}")
+        clash = sorted(set(extra_modules or {}) & _RESERVED)
+        if clash:
+            raise ValueError(f"extra_modules names {clash} clash with checkpoint keys {sorted(_RESERVED)}")
+        self.output_dir = Path(output_dir)
+        self.network = network
+        self.network_config = dict(network_config)
+        self.stage = stage
+        self.preprocessing = dict(preprocessing or {})
+        self.labels = dict(labels or {})
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.extra_modules = dict(extra_modules or {})
+        self.evaluator = evaluator
+        self.key_metric = key_metric
+        self.mode = mode
+        self.train_transform = train_transform
+        self.resume = as_bool(resume, "resume")
+        self.save_interval = int(save_interval)
+        self.rank = int(rank)
+        self.best_path = self.output_dir / best_name
+        self.last_path = self.output_dir / last_name
+        self.best: dict[str, Any] = {"metric": key_metric, "value": None, "epoch": None}
+        self._pending_metric: float | None = None
+        self._last_saved_iteration: int | None = None
+        self._registered = False
+        self._pending_rng: dict[str, Any] | None = None
+
+    # -------------------------------------------------------------------------------------- ignite hooks
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._on_started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._on_epoch_started)
+        engine.add_event_handler(Events.COMPLETED, self._on_completed)
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.COMPLETED, self._on_validated)
+
+    def _on_started(self, engine) -> None:
+        from ignite.engine import Events
+
+        if self.resume:
+            self.restore(engine)
+        if not self._registered:
+            # registered now, i.e. after every handler attached at build time (validation included), so a
+            # validation triggered by the same event has finished when these run
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._consider_best)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
+            self._registered = True
+
+    def _on_validated(self, evaluator) -> None:
+        if self.key_metric in evaluator.state.metrics:
+            self._pending_metric = float(evaluator.state.metrics[self.key_metric])
+
+    def _on_epoch_started(self, engine) -> None:
+        # a validation at start measured the weights before this run's training: it selects nothing
+        self._pending_metric = None
+        # STARTED handlers after the restore (a validation at start creates a DataLoader iterator, which draws
+        # from torch's RNG) would shift the random streams; the saved run drew its next epoch from this state
+        if self._pending_rng is not None:
+            self._restore_rng(self._pending_rng)
+            self._pending_rng = None
+
+    def _consider_best(self, engine) -> None:
+        value, self._pending_metric = self._pending_metric, None
+        if value is not None and self._improves(value):
+            self.best = {
+                "metric": self.key_metric,
+                "value": value,
+                "epoch": int(engine.state.epoch),
+                "iteration": int(engine.state.iteration),
+            }
+            self.save_best(engine)
+            logger.info(f"{self.key_metric} {value:.6f} is the best so far (iteration {engine.state.iteration})")
+
+    def _on_epoch_completed(self, engine) -> None:
+        self._consider_best(engine)
+        if self.evaluator is None:
+            self.save_best(engine)
+        if engine.state.epoch % self.save_interval == 0:
+            self.save_last(engine)
+
+    def _on_completed(self, engine) -> None:
+        if self._last_saved_iteration != engine.state.iteration:
+            self.save_last(engine)
+
+    def _improves(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        old = self.best["value"]
+        return old is None or (value < old if self.mode == "min" else value > old)
+
+    # ---------------------------------------------------------------------------------------------- save
+
+    def _common(self, engine) -> dict[str, Any]:
+        return {
+            "network": self.network_config,
+            "state_dict": _state_dict(self.network),
+            "stage": self.stage,
+            "preprocessing": self.preprocessing,
+            "labels": self.labels,
+            "progress": {"epoch": engine.state.epoch, "iteration": engine.state.iteration},
+            "best": dict(self.best),
+        }
+
+    def save_best(self, engine) -> Path | None:
+        if self.rank != 0:
+            return None
+        return save_checkpoint(self.best_path, **self._common(engine))
+
+    def save_last(self, engine) -> Path | None:
+        if self.rank != 0:
+            return None
+        extra: dict[str, Any] = {"rng": capture_rng_state()}
+        if self.optimizer is not None:
+            extra["optimizer"] = self.optimizer.state_dict()
+        if self.scheduler is not None:
+            extra["scheduler"] = self.scheduler.state_dict()
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None:
+            extra["scaler"] = scaler.state_dict()
+        if self.train_transform is not None:
+            extra["transform_rng"] = capture_transform_rng(self.train_transform)
+        for name, obj in self.extra_modules.items():
+            extra[name] = _state_dict(obj)
+        self._last_saved_iteration = engine.state.iteration
+        return save_checkpoint(self.last_path, **self._common(engine), **extra)
+
+    # ------------------------------------------------------------------------------------------- restore
+
+    def restore(self, engine, path: str | os.PathLike | None = None) -> bool:
+        """Load ``last.pt`` into the network, optimizer, scheduler, scaler, extra modules, RNGs and the engine.
+
+        Returns:
+            ``False`` (and logs) when there is nothing to resume from.
+
+        Raises:
+            CheckpointError: the file is corrupt, was written by another stage, or lacks a state to restore.
+        """
+        path = Path(path) if path is not None else self.last_path
+        if not path.is_file():
+            logger.info(f"resume requested but {path} does not exist: starting from scratch")
+            return False
+        ckpt = load_checkpoint(path, map_location="cpu")
+        if ckpt["stage"] != self.stage:
+            raise CheckpointError(path, f"stage is {ckpt['stage']!r}, this run resumes {self.stage!r}")
+        wanted = {"optimizer": self.optimizer, "scheduler": self.scheduler, **self.extra_modules}
+        missing = [k for k, v in wanted.items() if v is not None and k not in ckpt]
+        if missing:
+            raise CheckpointError(path, f"cannot resume: the checkpoint lacks {missing}")
+        try:
+            _load_state(self.network, ckpt["state_dict"])
+            for key, obj in wanted.items():
+                if obj is not None:
+                    _load_state(obj, ckpt[key]) if isinstance(obj, torch.nn.Module) else obj.load_state_dict(ckpt[key])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(path, f"does not fit this run ({str(e).splitlines()[0][:200]})") from e
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        self._pending_rng = {k: ckpt[k] for k in ("rng", "transform_rng") if k in ckpt}
+        self._restore_rng(self._pending_rng)
+        self.best = dict(ckpt.get("best") or self.best)
+        epoch, iteration = int(ckpt["progress"]["epoch"]), int(ckpt["progress"]["iteration"])
+        engine.state.epoch, engine.state.iteration = epoch, iteration
+        if engine.state.max_epochs is not None and epoch >= engine.state.max_epochs:
+            logger.info(f"{path} is at epoch {epoch} >= max_epochs {engine.state.max_epochs}: nothing left to train")
+        logger.info(f"resumed from {path} at epoch {epoch}, iteration {iteration}")
+        return True
+
+    def _restore_rng(self, saved: Mapping[str, Any]) -> None:
+        restore_rng_state(saved["rng"])
+        if self.train_transform is not None and "transform_rng" in saved:
+            restore_transform_rng(self.train_transform, saved["transform_rng"])
+
+
+class MetricHistory:
+    """Append ``epoch,<metric>...`` to a CSV each time the attached evaluator completes (one line per run).
+
+    Args:
+        path: the CSV (its folder is created).
+        metric_names: metrics of ``engine.state.metrics`` to write.
+        append: keep the rows of an earlier run (set it to the bundle's ``resume``); otherwise the first write
+            of this process starts the file afresh.
+        rank: only rank 0 writes.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, metric_names: Sequence[str], append: bool = False, rank: int = 0
+    ) -> None:
+        self.path = Path(path)
+        self.metric_names = list(metric_names)
+        self._fresh = not as_bool(append, "append")
+        self.rank = rank
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        if self.rank != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._fresh:
+            self.path.unlink(missing_ok=True)
+            self._fresh = False
+        new = not self.path.is_file()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["epoch", *self.metric_names])
+            writer.writerow([engine.state.epoch, *(engine.state.metrics.get(k, "") for k in self.metric_names)])
+
+    @staticmethod
+    def read(path: str | os.PathLike) -> list[dict[str, float]]:
+        with open(path, newline="") as f:
+            return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+# -------------------------------------------------------------------------------------------- image grids
+
+
+def image_grid(rows: Mapping[str, torch.Tensor | np.ndarray], num_slices: int = 4) -> np.ndarray:
+    """Tile axial slices: one row per entry, ``num_slices`` evenly spaced slices along the last axis.
+
+    Args:
+        rows: name → volume of shape (C, H, W, D) or (H, W, D) (first channel shown); all the same shape.
+        num_slices: slices per row.
+
+    Returns:
+        a float32 array (rows*H, num_slices*W) in [0, 1], each row scaled by its own min/max.
+    """
+    if not rows:
+        raise ValueError("rows must not be empty")
+    tiles = []
+    for name, vol in rows.items():
+        v = vol.detach().float().cpu().numpy() if torch.is_tensor(vol) else np.asarray(vol, dtype=np.float32)
+        if v.ndim == 4:
+            v = v[0]
+        if v.ndim != 3:
+            raise ValueError(f"row {name!r}: expected (C, H, W, D) or (H, W, D), got shape {v.shape}")
+        depth = v.shape[-1]
+        idx = np.linspace(0, depth - 1, num_slices + 2)[1:-1].round().astype(int) if depth > 1 else [0] * num_slices
+        lo, hi = float(v.min()), float(v.max())
+        v = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
+        # rotate so anterior is up for RAS volumes
+        tiles.append(np.concatenate([np.rot90(v[..., i]) for i in idx], axis=1))
+    if len({t.shape for t in tiles}) != 1:
+        raise ValueError(f"rows differ in shape: { {k: tuple(np.shape(v)) for k, v in rows.items()} }")
+    return np.concatenate(tiles, axis=0).astype(np.float32)
+
+
+def save_image_grid(path: str | os.PathLike, rows: Mapping[str, Any], num_slices: int = 4, dpi: int = 100) -> Path:
+    """Write :func:`image_grid` as a PNG with the row names on the left; returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    grid = image_grid(rows, num_slices)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(max(4.0, 2.0 * num_slices), max(2.0, 2.0 * n)), dpi=dpi)
+    ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0)
+    h = grid.shape[0] / n
+    ax.set_yticks([h * (i + 0.5) for i in range(n)], list(rows))
+    ax.set_xticks([])
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _first_item(x: Any) -> Any:
+    return x[0] if torch.is_tensor(x) or isinstance(x, (list, tuple, np.ndarray)) else x
+
+
+class ImageGridSaver:
+    """Save a PNG of the first batch item's ``keys`` (e.g. clean / view 1 / view 2) at the first iteration.
+
+    Args:
+        path: the PNG.
+        keys: batch keys, one row each (row label = ``names`` or the key).
+        names: row labels.
+        num_slices: axial slices per row.
+        source: ``"batch"`` (``engine.state.batch``) or ``"output"`` (``engine.state.output``).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        keys: Sequence[str],
+        names: Sequence[str] | None = None,
+        num_slices: int = 4,
+        source: str = "batch",
+        rank: int = 0,
+    ) -> None:
+        if source not in ("batch", "output"):
+            raise ValueError(f"source must be 'batch' or 'output', got {source!r}")
+        self.path = Path(path)
+        self.keys = list(keys)
+        self.names = list(names) if names is not None else self.keys
+        if len(self.names) != len(self.keys):
+            raise ValueError(f"{len(self.names)} names for {len(self.keys)} keys")
+        self.num_slices = num_slices
+        self.source = source
+        self.rank = rank
+        self._done = False
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        if self._done or self.rank != 0:
+            return
+        data = engine.state.batch if self.source == "batch" else engine.state.output
+        if isinstance(data, (list, tuple)):  # decollated
+            data = data[0]
+            rows = {n: data[k] for n, k in zip(self.names, self.keys)}
+        else:
+            rows = {n: _first_item(data[k]) for n, k in zip(self.names, self.keys)}
+        save_image_grid(self.path, rows, self.num_slices)
+        self._done = True
+
+
+class TensorBoardImageGrid:
+    """Log :func:`image_grid` of the first output item's ``keys`` to TensorBoard every ``interval`` epochs.
+
+    Args:
+        log_dir: TensorBoard folder (a ``SummaryWriter`` is created there), or pass ``summary_writer``.
+        keys: ``engine.state.output`` keys, one row each (e.g. ``gt_image``, ``image``, ``image_2``, ``pred``).
+        tag: image tag.
+        interval: epochs between images.
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike | None = None,
+        keys: Sequence[str] = ("gt_image", "image", "image_2", "pred"),
+        tag: str = "views",
+        interval: int = 1,
+        num_slices: int = 4,
+        summary_writer: Any = None,
+        rank: int = 0,
+    ) -> None:
+        if log_dir is None and summary_writer is None:
+            raise ValueError("give log_dir or summary_writer")
+        self.log_dir = log_dir
+        self.writer = summary_writer
+        self.keys = list(keys)
+        self.tag = tag
+        self.interval = int(interval)
+        self.num_slices = num_slices
+        self.rank = rank
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(Events.COMPLETED, self.close)
+
+    def __call__(self, engine) -> None:
+        if self.rank != 0:
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        out = engine.state.output
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+            rows = {k: out[k] for k in self.keys if k in out}
+        else:
+            rows = {k: _first_item(out[k]) for k in self.keys if k in out}
+        if rows:
+            self.writer.add_image(
+                self.tag, image_grid(rows, self.num_slices)[None], engine.state.epoch, dataformats="CHW"
+            )
+            self.writer.flush()
+
+    def close(self, engine=None) -> None:
+        if self.writer is not None and self.log_dir is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class ProgressBar:
+    """ignite's tqdm progress bar showing ``output_transform(engine.state.output)`` (a dict of scalars).
+
+    Args:
+        output_transform: e.g. :func:`medssl.engines.utils.pick_scalars` of the loss keys.
+        persist: keep each epoch's bar on screen.
+        rank: only rank 0 shows a bar.
+    """
+
+    def __init__(self, output_transform: Callable | None = None, persist: bool = False, rank: int = 0) -> None:
+        self.output_transform = output_transform
+        self.persist = persist
+        self.rank = rank
+
+    def attach(self, engine) -> None:
+        if self.rank != 0:
+            return
+        from ignite.handlers import ProgressBar as _IgniteBar
+
+        _IgniteBar(persist=self.persist).attach(engine, output_transform=self.output_transform)

@@ -1,0 +1,328 @@
+"""Small pieces every medssl training bundle shares: device and precision, seeding, batches, data records.
+
+MONAI's engines only autocast on CUDA (``amp=True`` → ``torch.autocast("cuda")`` + ``GradScaler``). medssl adds
+a ``precision`` id with three values so the same bundle runs everywhere:
+
+=========  ==========================  ==============================
+precision  CPU                         CUDA
+=========  ==========================  ==============================
+``bf16``   ``torch.autocast("cpu",     ``torch.autocast("cuda",
+           dtype=torch.bfloat16)``     dtype=torch.bfloat16)``, no scaler
+``amp``    fp32 (no fp16 on CPU)       fp16 autocast + ``GradScaler``
+``fp32``   no autocast                 no autocast
+=========  ==========================  ==============================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medssl.errors import ConfigError, DataError
+
+__all__ = [
+    "PRECISIONS",
+    "resolve_device",
+    "as_bool",
+    "autocast",
+    "uses_grad_scaler",
+    "cuda_amp",
+    "cuda_amp_kwargs",
+    "seed_everything",
+    "first_output",
+    "FirstOutputInferer",
+    "PrepareBatchKeys",
+    "pick_scalars",
+    "network_config",
+    "load_weights",
+    "resolve_dataset",
+    "image_records",
+    "FixedRandomDataset",
+]
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("bf16", "fp32", "amp")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → ``cuda`` when available, else ``cpu``; anything else is checked and returned as a device.
+
+    Raises:
+        ConfigError: an unknown device string, or CUDA requested on a machine without it.
+    """
+    if isinstance(device, torch.device):
+        dev = device
+    elif str(device).lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(str(device))
+        except RuntimeError as e:
+            raise ConfigError("device", f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device", f"device {str(dev)!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError("device", f"device {str(dev)!r} requested but only {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
+def as_bool(value: Any, name: str = "value") -> bool:
+    """A config flag as a bool; command lines give strings (``--resume true`` arrives as ``"true"``).
+
+    Raises:
+        ConfigError: anything but a bool, 0/1 or true/false/yes/no/on/off.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", "none", "null", ""):
+        return False
+    raise ConfigError(name, f"expected true or false, got {value!r}")
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ConfigError("precision", f"unknown precision {precision!r} (use one of {', '.join(PRECISIONS)})")
+    return precision
+
+
+def autocast(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context for ``precision`` on ``device`` (a ``nullcontext`` when no autocast applies)."""
+    dev = torch.device(device)
+    precision = _check_precision(precision)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if dev.type == "cuda":
+        dtype = torch.float16 if precision == "amp" else torch.bfloat16
+        return torch.autocast("cuda", dtype=dtype)
+    if precision == "bf16":
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()  # fp16 autocast on CPU is slow and unsupported by many kernels
+
+
+def uses_grad_scaler(device: str | torch.device, precision: str) -> bool:
+    """fp16 needs loss scaling; bf16 has fp32's exponent range and does not."""
+    return torch.device(device).type == "cuda" and _check_precision(precision) == "amp"
+
+
+def cuda_amp(device: str | torch.device, precision: str) -> bool:
+    """The ``amp`` flag for MONAI engines (evaluators): they autocast on CUDA only."""
+    return torch.device(device).type == "cuda" and _check_precision(precision) != "fp32"
+
+
+def cuda_amp_kwargs(precision: str) -> dict:
+    """The ``amp_kwargs`` for MONAI engines matching :func:`autocast` on CUDA."""
+    return {"dtype": torch.bfloat16 if _check_precision(precision) == "bf16" else torch.float16}
+
+
+def seed_everything(seed: int | None, deterministic: bool = False) -> int | None:
+    """Seed python, numpy, torch (all devices) and MONAI's global transform seed; returns ``seed``.
+
+    ``deterministic=True`` also asks cuDNN for deterministic kernels (slower).
+    """
+    from monai.utils import set_determinism
+
+    if seed is None:
+        return None
+    set_determinism(seed=int(seed), use_deterministic_algorithms=None)
+    if not deterministic:
+        # set_determinism switches cuDNN to deterministic mode; speed matters more for training
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = torch.cuda.is_available()
+    return int(seed)
+
+
+def first_output(output: Any) -> torch.Tensor:
+    """The tensor of a network's output: networks such as ``ViTAutoEnc`` return ``(image, hidden_states)``."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class FirstOutputInferer:
+    """An inferer for MONAI evaluators that calls the network and keeps :func:`first_output`."""
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return first_output(network(inputs, *args, **kwargs))
+
+
+class PrepareBatchKeys:
+    """``prepare_batch`` for MONAI engines reading the input and target from chosen keys.
+
+    Args:
+        image_key: network input (e.g. a corrupted SSL view ``"image"``).
+        label_key: target (e.g. the clean crop ``"gt_image"``).
+    """
+
+    def __init__(self, image_key: str = "image", label_key: str = "label") -> None:
+        self.image_key = image_key
+        self.label_key = label_key
+
+    def __call__(
+        self, batchdata: Mapping[str, torch.Tensor], device: str | torch.device | None = None, non_blocking=False, **kw
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        def move(x):
+            return x.to(device=device, non_blocking=non_blocking, **kw) if device is not None else x
+
+        return move(batchdata[self.image_key]), move(batchdata[self.label_key])
+
+
+def pick_scalars(keys: Sequence[str]) -> Callable[[Mapping[str, Any]], dict[str, float]]:
+    """An ``output_transform`` for Stats/TensorBoard handlers: ``{key: float}`` for the keys present."""
+    keys = tuple(keys)
+
+    def transform(output: Mapping[str, Any]) -> dict[str, float]:
+        if isinstance(output, (list, tuple)):  # decollated output: every item holds the same scalars
+            output = output[0]
+        return {k: float(output[k]) for k in keys if k in output}
+
+    return transform
+
+
+def network_config(network_def: Any) -> dict[str, Any]:
+    """The plain ``_target_`` dict of a bundle's ``network_def`` (written with ``_mode_: callable``).
+
+    ``ConfigParser`` turns a ``_mode_: callable`` component into a ``functools.partial`` whose keywords are the
+    resolved arguments, which is exactly what a checkpoint needs to rebuild the network.
+    """
+    if isinstance(network_def, Mapping):
+        if "_target_" not in network_def:
+            raise ConfigError("network_def", f"needs a '_target_', got keys {sorted(network_def)}")
+        return {k: v for k, v in network_def.items() if not (k.startswith("_") and k != "_target_")}
+    if isinstance(network_def, functools.partial):
+        if network_def.args:
+            raise ConfigError("network_def", f"positional arguments cannot be stored: {network_def.args}")
+        func = network_def.func
+        return {"_target_": f"{func.__module__}.{func.__qualname__}", **network_def.keywords}
+    raise ConfigError(
+        "network_def", f"expected a '_mode_: callable' component or a dict, got {type(network_def).__name__}"
+    )
+
+
+def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike | None) -> torch.nn.Module:
+    """Load a medssl checkpoint's ``state_dict`` into ``network`` strictly (``None``: leave it as it is).
+
+    This continues training of the same architecture (the ``pretrained_ckpt`` id of a bundle whose network is
+    the one that was saved); loading a ViT encoder into another network is ``medssl.networks.pretrained``'s job.
+
+    Raises:
+        CheckpointError: the file is not a medssl checkpoint or its tensors do not fit ``network``.
+    """
+    if checkpoint is None or checkpoint == "":
+        return network
+    from medssl.checkpoint import load_checkpoint
+    from medssl.errors import CheckpointError
+
+    ckpt = load_checkpoint(checkpoint)
+    try:
+        network.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(checkpoint, f"does not fit the network ({str(e).splitlines()[0][:200]})") from e
+    logger.info(f"loaded {len(ckpt['state_dict'])} tensors from {checkpoint}")
+    return network
+
+
+def resolve_dataset(
+    dataset_dir: str | os.PathLike,
+    datalist: str | os.PathLike,
+    default_dataset_dir: str | os.PathLike | None = None,
+    *,
+    phantom: str = "ct-abdomen",
+    cases: int = 6,
+    unlabeled: int = 4,
+    seed: int = 0,
+) -> Path:
+    """The datalist path, generating the bundle's default phantom when (and only when) it is missing.
+
+    Raises:
+        DataError: ``dataset_dir`` or ``datalist`` is missing and is not the bundle's default phantom folder.
+    """
+    dataset_dir, datalist = Path(dataset_dir), Path(datalist)
+    if datalist.is_file():
+        return datalist.resolve()
+    is_default = default_dataset_dir is not None and dataset_dir.resolve() == Path(default_dataset_dir).resolve()
+    if not is_default:
+        what = datalist if dataset_dir.is_dir() else dataset_dir
+        raise DataError(what, "does not exist (only the bundle's default phantom folder is generated)")
+    from medssl.data.phantoms import ensure_phantom
+
+    logger.info(f"generating the default {phantom} phantom in {dataset_dir} (cases={cases}, unlabeled={unlabeled})")
+    generated = Path(ensure_phantom(phantom, dataset_dir, cases=cases, unlabeled=unlabeled, seed=seed))
+    if generated.resolve() != datalist.resolve() and not datalist.is_file():
+        raise DataError(datalist, f"the phantom datalist was written to {generated}, not here")
+    return datalist.resolve()
+
+
+def _load_datalist(datalist: Path, dataset_dir: Path, keys: Sequence[str]) -> dict[str, list[dict]]:
+    """The one place that reads datalists: absolute-path records of the requested keys that are present."""
+    from medssl.data.datalist import load_datalist
+
+    present = [k for k in keys if k in load_datalist(datalist, dataset_dir=dataset_dir, check_files=False).keys()]
+    if not present:
+        return {}
+    loaded = load_datalist(datalist, dataset_dir=dataset_dir, keys=present)  # checks that the files exist
+    return {key: loaded.items(key) for key in present}
+
+
+def image_records(
+    datalist: str | os.PathLike,
+    keys: Sequence[str] | str,
+    dataset_dir: str | os.PathLike | None = None,
+    image_key: str = "image",
+) -> list[dict[str, str]]:
+    """``[{"image": absolute_path}, ...]`` from the datalist keys that exist (labels dropped: SSL uses images).
+
+    A key the datalist lacks is skipped with a log line (TCIA's split has no ``unlabeled`` key); no key at all
+    is an error.
+
+    Raises:
+        DataError: none of ``keys`` is in the datalist, or they hold no images (missing files: see
+            :func:`medssl.data.datalist.load_datalist`).
+    """
+    datalist = Path(datalist)
+    base = Path(dataset_dir) if dataset_dir is not None else datalist.parent
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    per_key = _load_datalist(datalist, base, keys)
+    absent = [k for k in keys if k not in per_key]
+    if absent and per_key:
+        logger.info(f"{datalist}: no {absent} key(s); using {list(per_key)}")
+    records = [{image_key: str(item[image_key])} for items in per_key.values() for item in items]
+    if not records:
+        raise DataError(datalist, f"no images under keys {keys}")
+    return records
+
+
+class FixedRandomDataset(torch.utils.data.Dataset):
+    """A dataset whose random transforms draw the same values for item ``i`` every epoch (seed ``seed + i``).
+
+    Used for validation so that the validation loss of randomly corrupted views is comparable across epochs,
+    independent of worker count and order.
+
+    Args:
+        data: the records.
+        transform: a MONAI ``Compose`` (anything with ``set_random_state`` and ``__call__``).
+        seed: base seed.
+    """
+
+    def __init__(self, data: Sequence, transform: Callable, seed: int = 0) -> None:
+        self.data = list(data)
+        self.transform = transform
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        self.transform.set_random_state(seed=(self.seed + int(index)) % (2**32))
+        return self.transform(dict(self.data[index]))
