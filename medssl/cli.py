@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from medssl.errors import MedsslError
+from medssl.errors import ConfigError, MedsslError
 
 __all__ = ["main", "build_parser"]
 
@@ -75,6 +75,37 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     summary = evaluate_folder(args.pred, args.ref, args.out, dataset_dir=args.dataset_dir, key=args.key)
     print(summary)
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from medssl.study import StudyConfig, run_study
+
+    cli = {
+        "datalist": args.datalist,
+        "out": args.out,
+        "labeled": args.labeled,
+        "methods": args.methods,
+        "seeds": args.seeds,
+        "budget": args.budget,
+        "dataset_dir": args.dataset_dir,
+        "pretrained": args.pretrained,
+        "pretrain_bundle": args.pretrain_bundle,
+        "task": args.task,
+        "overlays": args.overlay,
+        "device": args.device,
+        "precision": args.precision,
+    }
+    if args.config:
+        cfg = StudyConfig.from_yaml(args.config, **cli)
+    else:
+        missing = [f"--{k}" for k in ("datalist", "out") if cli[k] is None]
+        if missing:
+            raise ConfigError(None, f"study needs {' and '.join(missing)} (or --config STUDY.yaml)")
+        cfg = StudyConfig(**{k: v for k, v in cli.items() if v is not None})
+    paths = run_study(cfg)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
     return 0
 
 
@@ -154,6 +185,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="CSV to write (a Markdown summary is written beside it)")
     p.add_argument("--dataset-dir", default=None, help="base of the datalist's relative paths")
     p.add_argument("--key", default="validation", help="datalist key holding the references (default: validation)")
+
+    p = _add(
+        sub,
+        "study",
+        "label-efficiency study: methods x labeled counts x seeds through the bundles, with a table and a plot",
+        "medssl study --datalist data/ct_phantom/datalist.json --labeled 2 4 --methods scratch pretrained "
+        "mean_teacher --pretrained runs/ssl_pretrain/model.pt --seeds 2 --budget 200 --out runs/study "
+        "--overlay bundles/tiny.yaml",
+        _cmd_study,
+    )
+    p.add_argument("--config", default=None, help="study YAML (keys of medssl.study.StudyConfig); flags override it")
+    p.add_argument("--datalist", default=None, help="datalist with training (labeled pool) and validation items")
+    p.add_argument("--dataset-dir", default=None, help="base of the datalist's relative paths")
+    p.add_argument("--labeled", type=int, nargs="+", default=None, help="labeled counts (default: 2 4 8)")
+    p.add_argument("--methods", nargs="+", default=None, help="scratch pretrained mean_teacher pretrained_mean_teacher")
+    p.add_argument("--pretrained", default=None, help="pretrained ViT checkpoint for the pretrained* methods")
+    p.add_argument("--pretrain-bundle", nargs="+", default=None, help="bundle config(s) to pretrain one instead")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 3)")
+    p.add_argument("--budget", type=int, default=None, help="training iterations per run (default: 1000)")
+    p.add_argument("--task", choices=["btcv", "la"], default=None, help="default: from the datalist's labels")
+    p.add_argument("--overlay", nargs="+", default=None, help="bundle overlays for every run, e.g. bundles/tiny.yaml")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--precision", choices=["bf16", "fp32", "amp"], default=None, help="default: bf16")
+    p.add_argument("--out", default=None, help="output folder; rerunning resumes it")
     return parser
 
 

@@ -1,0 +1,148 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from medssl.errors import ConfigError
+from medssl.study import (
+    StudyConfig,
+    aggregate,
+    cell_datalist,
+    nested_subsets,
+    render_table,
+    run_study,
+    write_results,
+)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_subsets_are_nested_and_deterministic(seed):
+    subsets = nested_subsets(10, [2, 4, 8], seed)
+    assert [len(subsets[n]) for n in (2, 4, 8)] == [2, 4, 8]
+    assert set(subsets[2]) <= set(subsets[4]) <= set(subsets[8])
+    assert subsets == nested_subsets(10, [8, 2, 4], seed)  # order of counts does not matter
+
+
+def test_subsets_differ_between_seeds_and_reject_bad_counts():
+    draws = {tuple(nested_subsets(12, [4], s)[4]) for s in range(6)}
+    assert len(draws) > 1
+    with pytest.raises(ConfigError, match=r"\[11\]"):
+        nested_subsets(10, [2, 11], 0)
+
+
+def test_cell_datalist_moves_the_rest_to_unlabeled():
+    base = {
+        "training": [{"image": f"i{k}", "label": f"l{k}"} for k in range(5)],
+        "validation": [{"image": "v", "label": "vl"}],
+        "unlabeled": [{"image": "u0"}],
+    }
+    dl = cell_datalist(base, [1, 3], {0: "background", 1: "organ"})
+    assert [it["image"] for it in dl["training"]] == ["i1", "i3"]
+    assert [it["image"] for it in dl["unlabeled"]] == ["i0", "i2", "i4", "u0"]
+    assert all("label" not in it for it in dl["unlabeled"])
+    assert dl["validation"] == base["validation"]
+    assert dl["labels"] == {"0": "background", "1": "organ"}
+
+
+def _rows(spec):
+    """spec: {(method, n, seed): [dice per case×class]}"""
+    rows = []
+    for (m, n, s), values in spec.items():
+        for k, d in enumerate(values):
+            rows.append(
+                {
+                    "method": m,
+                    "labeled": n,
+                    "seed": s,
+                    "case": f"c{k}",
+                    "label": 1,
+                    "name": "organ",
+                    "dice": d,
+                    "jaccard": d / (2 - d),
+                    "hd95": 1.0,
+                    "asd": 0.5,
+                }
+            )
+    return rows
+
+
+def test_aggregation_and_table_on_hand_made_results(tmp_path):
+    rows = _rows(
+        {
+            ("scratch", 2, 0): [0.4, 0.6],
+            ("scratch", 2, 1): [0.6, 0.6],
+            ("pretrained", 2, 0): [0.6, 0.8],
+            ("pretrained", 2, 1): [0.8, 0.8],
+        }
+    )
+    agg = aggregate(rows)
+    assert agg[("scratch", 2)] == pytest.approx([0.5, 0.6])
+    assert agg[("pretrained", 2)] == pytest.approx([0.7, 0.8])
+    table = render_table(agg, ["scratch", "pretrained"], [2])
+    sd = 100 * np.std([0.5, 0.6], ddof=1)
+    assert f"| scratch | 55.0 ± {sd:.1f} |" in table
+    # +20 Dice points over scratch's 55 → +36 %
+    assert f"| pretrained | 75.0 ± {sd:.1f} (+20.0; +36 %) |" in table
+    paths = write_results(rows, tmp_path, methods=["scratch", "pretrained"], counts=[2])
+    with open(paths["csv"]) as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == len(rows)
+    assert paths["png"].stat().st_size > 1000
+    assert "pretrained" in paths["md"].read_text()
+
+
+def _phantom_like_datalist(tmp_path, n_train=4):
+    dl = {
+        "labels": {"0": "background", "1": "organ"},
+        "training": [{"image": f"img{k}.nii.gz", "label": f"lab{k}.nii.gz"} for k in range(n_train)],
+        "validation": [{"image": "v.nii.gz", "label": "vl.nii.gz"}],
+    }
+    for item in dl["training"] + dl["validation"]:
+        for p in item.values():
+            (tmp_path / p).write_bytes(b"")
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(dl))
+    return path
+
+
+def test_resume_skips_finished_cells(tmp_path, monkeypatch):
+    datalist = _phantom_like_datalist(tmp_path)
+    out = tmp_path / "study"
+    cfg = StudyConfig(datalist=str(datalist), out=str(out), labeled=[1, 2], methods=["scratch"], seeds=1, budget=3)
+    # one cell finished earlier, the other not: only the unfinished one may run
+    done = out / "cells" / "scratch_n1_seed0"
+    done.mkdir(parents=True)
+    (done / "done.json").write_text(json.dumps({"rows": _rows({("scratch", 1, 0): [0.3]})}))
+    ran = []
+
+    def fake_run(cmd, log_path, what):
+        ran.append(what)
+        (log_path.parent / "model.pt").write_bytes(b"")
+
+    monkeypatch.setattr("medssl.study._run_logged", fake_run)
+    monkeypatch.setattr("medssl.study._evaluate_cell", lambda cell_dir, dl, cfg: _rows({("scratch", 2, 0): [0.5]}))
+    paths = run_study(cfg)
+    assert ran == ["training cell [2/2] scratch n=2 seed=0"]
+    assert (out / "cells" / "scratch_n2_seed0" / "done.json").is_file()
+    ran.clear()
+    run_study(cfg)  # everything finished: nothing runs again
+    assert ran == []
+    assert "| scratch | 30.0 ± 0.0 | 50.0 ± 0.0 |" in paths["md"].read_text()
+
+
+def test_pretrained_methods_need_a_checkpoint(tmp_path):
+    datalist = _phantom_like_datalist(tmp_path)
+    cfg = StudyConfig(datalist=str(datalist), out=str(tmp_path / "s"), labeled=[1], methods=["pretrained"], seeds=1)
+    with pytest.raises(ConfigError, match="pretrain"):
+        run_study(cfg)
+
+
+def test_yaml_form_rejects_unknown_keys(tmp_path):
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text("datalist: d.json\nout: o\nlabelled: [2]\n")
+    with pytest.raises(ConfigError, match="labelled"):
+        StudyConfig.from_yaml(cfg)
+    cfg.write_text("datalist: d.json\nout: o\nlabeled: [2, 3]\nseeds: [5]\n")
+    loaded = StudyConfig.from_yaml(cfg, budget=7)
+    assert loaded.labeled == [2, 3] and loaded.seed_list == [5] and loaded.budget == 7
