@@ -23,8 +23,9 @@ MICCAI 2019 (https://arxiv.org/abs/1907.07034).
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -51,7 +52,14 @@ if TYPE_CHECKING:
 else:
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
-__all__ = ["TEACHER_INPUTS", "mean_teacher_losses", "MeanTeacherTrainer", "make_teacher_student_evaluators"]
+__all__ = [
+    "TEACHER_INPUTS",
+    "TEACHER_NORMS",
+    "batchnorm_batch_statistics",
+    "mean_teacher_losses",
+    "MeanTeacherTrainer",
+    "make_teacher_student_evaluators",
+]
 
 TEACHER_INPUTS = ("unlabeled", "all")
 
@@ -64,6 +72,36 @@ def _default_supervised_loss() -> nn.Module:
 
 def _forward(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return first_output(network(x))
+
+
+TEACHER_NORMS = ("batch", "running")
+
+
+@contextlib.contextmanager
+def batchnorm_batch_statistics(network: nn.Module) -> Iterator[None]:
+    """Inside the block, BatchNorm layers normalise with the statistics of the batch they see.
+
+    Running statistics stay untouched (momentum 0), everything else keeps its mode. The Mean Teacher and UA-MT
+    code run their teacher this way (train-mode BatchNorm). Early in training the EMA of the student's running
+    statistics does not match the averaged weights, and an eval-mode teacher then segments nothing (measured
+    on the LA phantom: teacher Dice 0.07 with running statistics vs 0.67 with re-estimated ones at iteration 300).
+    """
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [
+        (m.training, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+        for m in norms
+    ]
+    for m in norms:
+        m.train()
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (training, momentum, tracked) in zip(norms, saved):
+            m.train(training)
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def mean_teacher_losses(
@@ -82,6 +120,7 @@ def mean_teacher_losses(
     uncertainty_max_steps: int | None = None,
     uncertainty_passes: int = 8,
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _forward,
+    teacher_norm: str = "batch",
 ) -> dict[str, Any]:
     """Forward passes and losses of one Mean Teacher iteration (no backward, no optimizer step).
 
@@ -101,6 +140,9 @@ def mean_teacher_losses(
         uncertainty_max_steps: enables the UA-MT mask, its threshold ramping over this many steps.
         uncertainty_passes: UA-MT's ``T``.
         forward: ``forward(network, x) -> logits``; the default takes the first output of tuple-returning networks.
+        teacher_norm: ``"batch"`` (default, as the published code): the teacher's BatchNorm layers use the
+            statistics of the teacher's input batch (see :func:`batchnorm_batch_statistics`); ``"running"``: its
+            EMA'd running statistics (eval mode).
 
     Returns:
         ``pred`` (student logits, whole batch), ``loss`` (differentiable total), ``supervised`` and
@@ -120,6 +162,8 @@ def mean_teacher_losses(
         consistency = CONSISTENCY_LOSSES[consistency]
     if teacher_input not in TEACHER_INPUTS:
         raise ConfigError("teacher_input", f"unknown teacher_input {teacher_input!r} (use one of {TEACHER_INPUTS})")
+    if teacher_norm not in TEACHER_NORMS:
+        raise ConfigError("teacher_norm", f"unknown teacher_norm {teacher_norm!r} (use one of {TEACHER_NORMS})")
     weight_fn = ConsistencyWeight() if consistency_weight is None else consistency_weight
     n_lab = int(labeled_batch_size)
     if not 1 <= n_lab <= images.shape[0]:
@@ -140,16 +184,21 @@ def mean_teacher_losses(
     cons_slice = slice(n_lab, None) if teacher_input == "unlabeled" else slice(None)
     teacher_in = images[cons_slice]
     teacher.eval()
-    with torch.no_grad():
+
+    def norm_mode() -> contextlib.AbstractContextManager:
+        return batchnorm_batch_statistics(teacher) if teacher_norm == "batch" else contextlib.nullcontext()
+
+    with torch.no_grad(), norm_mode():
         teacher_logits = forward(teacher, noise(teacher_in) if noise is not None else teacher_in)
     out: dict[str, Any] = {"pred": pred}
     if uncertainty_max_steps is None:
         cons = consistency(pred[cons_slice], teacher_logits, reduction="mean")
     else:
         threshold = uamt_threshold(step, uncertainty_max_steps, num_classes=pred.shape[1])
-        mask, _ = uncertainty_mask(
-            teacher, teacher_in, threshold, passes=uncertainty_passes, perturb=noise, mc_dropout=True
-        )
+        with norm_mode():
+            mask, _ = uncertainty_mask(
+                teacher, teacher_in, threshold, passes=uncertainty_passes, perturb=noise, mc_dropout=True
+            )
         cons = masked_mean(consistency(pred[cons_slice], teacher_logits, reduction="none"), mask)
         out.update(uncertainty_threshold=float(threshold), mask_fraction=float(mask.mean()))
     weight = float(weight_fn(step))
@@ -184,6 +233,8 @@ class MeanTeacherTrainer(SupervisedTrainer):
         uncertainty_passes: UA-MT's ``T``.
         uncertainty_max_steps: threshold ramp length; default the run's total iterations.
         ema_decay, ema_buffers: see :class:`~medssl.engines.ema.EMATeacherHandler`.
+        teacher_norm: BatchNorm statistics of the teacher's training forward, ``"batch"`` (default) or
+            ``"running"`` (see :func:`mean_teacher_losses`); validation always uses running statistics.
         precision: ``"fp32"`` | ``"bf16"`` | ``"amp"`` (see ``medssl.engines.utils``).
         kwargs: passed to ``SupervisedTrainer`` (``train_handlers``, ``prepare_batch``, ...).
 
@@ -213,6 +264,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
         uncertainty_max_steps: int | None = None,
         ema_decay: float = 0.99,
         ema_buffers: bool = True,
+        teacher_norm: str = "batch",
         precision: str = "fp32",
         **kwargs: Any,
     ) -> None:
@@ -226,6 +278,8 @@ class MeanTeacherTrainer(SupervisedTrainer):
             )
         if teacher_input not in TEACHER_INPUTS:
             raise ConfigError("teacher_input", f"unknown teacher_input {teacher_input!r} (use one of {TEACHER_INPUTS})")
+        if teacher_norm not in TEACHER_NORMS:
+            raise ConfigError("teacher_norm", f"unknown teacher_norm {teacher_norm!r} (use one of {TEACHER_NORMS})")
         if int(labeled_batch_size) != labeled_batch_size or labeled_batch_size < 1:
             raise ConfigError("labeled_batch_size", f"must be a positive integer, got {labeled_batch_size!r}")
         batch_sampler = getattr(train_data_loader, "batch_sampler", None)
@@ -251,6 +305,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
         self.consistency = consistency
         self.consistency_weight = ConsistencyWeight() if consistency_weight is None else consistency_weight
         self.teacher_input = teacher_input
+        self.teacher_norm = teacher_norm
         self.noise = functools.partial(teacher_noise, std=noise_std, clip=noise_clip) if noise_std > 0 else None
         self.uncertainty = bool(uncertainty)
         self.uncertainty_passes = int(uncertainty_passes)
@@ -295,6 +350,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
                 uncertainty_max_steps=engine.uncertainty_max_steps,
                 uncertainty_passes=engine.uncertainty_passes,
                 forward=lambda net, x: first_output(engine.inferer(x, net)),
+                teacher_norm=engine.teacher_norm,
             )
         pred = parts.pop("pred")
         engine.state.output = {Keys.IMAGE: inputs[:n_lab], Keys.LABEL: targets[:n_lab], Keys.PRED: pred[:n_lab]}

@@ -48,6 +48,7 @@ def _losses(student, teacher, images, labels, **kw):
         labeled_batch_size=LBS,
         supervised_loss=DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.5, lambda_dice=0.5),
         consistency_weight=ConsistencyWeight(consistency=1.0, rampup_length=0),
+        teacher_norm="running",  # the hand references below run the teacher in eval mode
     )
     args.update(kw)
     return mean_teacher_losses(student, teacher, images, labels, **args)
@@ -156,6 +157,7 @@ def _fake_engine(student, teacher, optimizer, iteration):
         consistency="mse",
         consistency_weight=ConsistencyWeight(),
         teacher_input="unlabeled",
+        teacher_norm="batch",
         noise=None,
         uncertainty_max_steps=None,
         uncertainty_passes=8,
@@ -357,3 +359,44 @@ def test_resume_reproduces_student_and_teacher_exactly():
         for name, value in straight[key].items():
             assert torch.equal(value, resumed[key][name]), (key, name)
     assert not all(torch.equal(v, first["teacher"][k]) for k, v in straight["teacher"].items())
+
+
+def test_teacher_batchnorm_uses_batch_statistics_without_touching_running_stats():
+    from medssl.engines.mean_teacher import batchnorm_batch_statistics, mean_teacher_losses
+
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 2, 1))
+    teacher = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 2, 1))
+    teacher.load_state_dict(student.state_dict())
+    # running statistics far from the data: an eval-mode forward would normalise wrongly
+    teacher[1].running_mean.fill_(50.0)
+    teacher[1].running_var.fill_(1e-3)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    images = torch.randn(4, 1, 8, 8, 8) * 3 + 1
+    labels = torch.zeros(4, 1, 8, 8, 8, dtype=torch.long)
+
+    def run(mode):
+        return mean_teacher_losses(
+            student,
+            teacher,
+            images,
+            labels,
+            step=1000,
+            labeled_batch_size=2,
+            supervised_loss=lambda p, y: p.mean() * 0,
+            noise=None,
+            teacher_norm=mode,
+        )["consistency"]
+
+    batch_cons, running_cons = run("batch"), run("running")
+    for k, v in teacher.state_dict().items():  # no running-stat update, no mode change left behind
+        assert torch.equal(v, before[k]), k
+    assert not teacher.training and not teacher[1].training
+    # with batch statistics the teacher's BN output equals a train-mode forward of a copy
+    with torch.no_grad(), batchnorm_batch_statistics(teacher):
+        t_batch = teacher(images[2:])
+    ref = nn.functional.batch_norm(teacher[0](images[2:]), None, None, teacher[1].weight, teacher[1].bias, True)
+    assert torch.allclose(t_batch, teacher[3](teacher[2](ref)), atol=1e-5)
+    assert not torch.isclose(batch_cons, running_cons)
+    with pytest.raises(ConfigError, match="teacher_norm"):
+        run("eval")
