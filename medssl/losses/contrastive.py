@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["NTXentLoss", "gather_with_grad"]
+from medssl.losses.supcon import SupConLoss
+
+__all__ = ["NTXentLoss", "SupConLoss", "gather_with_grad"]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
