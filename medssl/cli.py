@@ -78,6 +78,35 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from medssl.inference import infer
+
+    # raises ErrorList (one line per failed volume + a summary; exit 2) after trying every volume
+    report = infer(
+        args.model,
+        args.input,
+        args.output,
+        device=args.device,
+        precision=args.precision,
+        overlap=args.overlap,
+        sw_batch_size=args.sw_batch_size,
+        mode=args.mode,
+        probabilities=args.probabilities,
+        largest_component=args.largest_component,
+        interpolation=args.interpolation,
+        progress=not args.no_progress,
+    )
+    print(report.summary())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from medssl.export import export_torchscript
+
+    print(export_torchscript(args.checkpoint, args.torchscript))
+    return 0
+
+
 def _cmd_study(args: argparse.Namespace) -> int:
     from medssl.study import StudyConfig, run_study
 
@@ -185,6 +214,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="CSV to write (a Markdown summary is written beside it)")
     p.add_argument("--dataset-dir", default=None, help="base of the datalist's relative paths")
     p.add_argument("--key", default="validation", help="datalist key holding the references (default: validation)")
+
+    p = _add(
+        sub,
+        "infer",
+        "segment NIfTI / NRRD / MHA scans (or folders of them) with a checkpoint; labels on exactly the input grid",
+        "medssl infer --model runs/btcv_unetr/model.pt --input data/ct_phantom/imagesTr --output runs/infer",
+        _cmd_infer,
+    )
+    p.add_argument("--model", required=True, help="medssl checkpoint (model.pt); preprocessing and roi come from it")
+    p.add_argument("--input", required=True, nargs="+", help="image files and/or folders of images")
+    p.add_argument("--output", required=True, help="folder for <name>_seg.nii.gz (+ .json sidecar)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--precision", choices=["bf16", "fp32", "amp"], default="bf16", help="(default: bf16)")
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1) (default: 0.25)")
+    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per network call (default: 4)")
+    p.add_argument("--mode", choices=["gaussian", "constant"], default="gaussian", help="window blending")
+    p.add_argument("--probabilities", action="store_true", help="also write <name>_prob.nii.gz (X, Y, Z, C)")
+    p.add_argument("--largest-component", action="store_true", help="keep each class's largest component")
+    p.add_argument(
+        "--interpolation",
+        choices=["linear", "nearest"],
+        default="linear",
+        help="labels back to the input grid: linear probabilities on boundaries (default) or nearest labels",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = _add(
+        sub,
+        "export",
+        "export a checkpoint's network as TorchScript with its preprocessing and labels attached",
+        "medssl export runs/btcv_unetr/model.pt --torchscript runs/btcv_unetr/model.ts",
+        _cmd_export,
+    )
+    p.add_argument("checkpoint", help="a medssl checkpoint (.pt)")
+    p.add_argument("--torchscript", required=True, help="TorchScript file to write")
 
     p = _add(
         sub,

@@ -1,0 +1,1 @@
+"""Benchmarks comparing medssl against the MONAI / tutorial-recipe baseline in one run (``python -m bench NAME``)."""
