@@ -1,0 +1,205 @@
+"""Supervised segmentation training on MONAI's ``SupervisedTrainer``: medssl precision and an iteration budget.
+
+MONAI's engines autocast on CUDA only. Instead of copying ``SupervisedTrainer._iteration``, the forward pass is
+moved under :func:`medssl.engines.utils.autocast` by wrapping the engine's inferer (:class:`AutocastInferer`),
+so bf16 runs on CPU and CUDA alike; the loss sees fp32 logits. The same wrapper serves the validation evaluator
+(sliding-window inference under bf16, accumulated in fp32).
+
+Recipes count iterations, not epochs (UNETR on BTCV: 30000; UA-MT on LA: 6000): :class:`SupervisedSegTrainer`
+takes ``max_iterations`` and stops there, mid-epoch if need be.
+
+Also here: the records and class names a segmentation bundle reads from its datalist.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+
+from medssl.engines.utils import autocast, cuda_amp_kwargs, resolve_device, uses_grad_scaler
+from medssl.errors import ConfigError, DataError
+
+__all__ = ["AutocastInferer", "SupervisedSegTrainer", "labeled_records", "class_names"]
+
+logger = logging.getLogger(__name__)
+
+
+class AutocastInferer:
+    """Run another inferer under the autocast of ``precision`` and return fp32 logits.
+
+    Args:
+        inferer: e.g. ``monai.inferers.SimpleInferer()`` or ``SlidingWindowInferer(roi_size, sw_batch_size)``;
+            ``None`` calls the network directly.
+        device: the device the network runs on.
+        precision: ``"bf16"``, ``"amp"`` or ``"fp32"`` (see :func:`medssl.engines.utils.autocast`).
+
+    Example::
+
+        inferer = AutocastInferer(SlidingWindowInferer((96, 96, 96), 4, overlap=0.5), "cpu", "bf16")
+        logits = inferer(image, network)  # (B, C, H, W, D) float32
+    """
+
+    def __init__(self, inferer: Callable | None, device: str | torch.device, precision: str = "fp32") -> None:
+        self.inferer = inferer
+        self.device = resolve_device(device)
+        autocast(self.device, precision)  # validates precision now, not at the first batch
+        self.precision = precision
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            out = (
+                network(inputs, *args, **kwargs)
+                if self.inferer is None
+                else self.inferer(inputs, network, *args, **kwargs)
+            )
+        return out.float()
+
+
+class SupervisedSegTrainer(SupervisedTrainer):
+    """``SupervisedTrainer`` with a ``precision`` (bf16 on CPU too) and an iteration budget.
+
+    The batch is ``(image, label)`` of shapes (B, C_in, H, W, D) and (B, 1, H, W, D); the network returns logits
+    (B, n_classes, H, W, D); ``loss_function(logits, label)`` (e.g. ``DiceCELoss(to_onehot_y=True,
+    softmax=True)``). ``engine.state.output`` holds ``image``, ``label``, ``pred``, ``loss`` and ``lr``.
+
+    Args:
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
+        train_data_loader: the training loader (must have a length when ``max_iterations`` is given).
+        network, optimizer, loss_function: as ``SupervisedTrainer``.
+        max_iterations: optimizer steps to run; training stops after exactly this many.
+        max_epochs: alternatively, epochs to run (give one of the two).
+        precision: ``"bf16"``, ``"amp"`` (fp16 + ``GradScaler`` on CUDA, fp32 on CPU) or ``"fp32"``.
+        inferer: the training forward (default: the network on the whole batch).
+        kwargs: other ``SupervisedTrainer`` arguments (``train_handlers``, ``postprocessing``, ...).
+
+    Raises:
+        ValueError: neither or both of ``max_iterations`` / ``max_epochs``, or a non-positive budget.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        train_data_loader: Any,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_function: Callable,
+        max_iterations: int | None = None,
+        max_epochs: int | None = None,
+        precision: str = "fp32",
+        inferer: Callable | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if (max_iterations is None) == (max_epochs is None):
+            raise ValueError(f"give one of max_iterations / max_epochs, got {max_iterations} / {max_epochs}")
+        budget = max_iterations if max_iterations is not None else max_epochs
+        if int(budget) < 1:
+            raise ValueError(f"the training budget must be >= 1, got {budget}")
+        for k in ("amp", "amp_kwargs"):
+            if k in kwargs:
+                raise ValueError(f"{k!r} is set by SupervisedSegTrainer (use precision=...), got {k}={kwargs[k]}")
+        device = resolve_device(device)
+        self.max_iterations = None if max_iterations is None else int(max_iterations)
+        if self.max_iterations is not None:
+            per_epoch = kwargs.get("epoch_length") or len(train_data_loader)
+            if per_epoch < 1:
+                raise ValueError("the training data loader is empty")
+            max_epochs = math.ceil(self.max_iterations / per_epoch)
+        # the training output is a few scalars and batch tensors: decollating 4 x (C, 96^3) logits per step is waste
+        kwargs.setdefault("decollate", False)
+        # amp=True only for fp16 on CUDA: MONAI then creates the GradScaler (and autocasts as we do)
+        super().__init__(
+            device=device,
+            max_epochs=int(max_epochs),
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=loss_function,
+            inferer=AutocastInferer(inferer, device, precision),
+            amp=uses_grad_scaler(device, precision),
+            amp_kwargs=cuda_amp_kwargs(precision),
+            **kwargs,
+        )
+        self.precision = precision
+        # fired inside the iteration, after the optimizer step: the lr of this step, before any handler logs
+        self.add_event_handler(IterationEvents.MODEL_COMPLETED, self._record_scalars)
+        if self.max_iterations is not None:
+            # STARTED runs after a resume restored the counters (the checkpoint handler attaches first)
+            self.add_event_handler(Events.STARTED, self._fit_epochs_to_budget)
+            self.add_event_handler(Events.ITERATION_COMPLETED, self._stop_at_budget)
+
+    def _fit_epochs_to_budget(self, engine: SupervisedSegTrainer) -> None:
+        # a run stopped by the budget inside an epoch resumes with a fresh epoch: count epochs from the iterations
+        remaining = engine.max_iterations - engine.state.iteration
+        if remaining <= 0:
+            engine.terminate()
+            return
+        per_epoch = engine.state.epoch_length or len(engine.data_loader)
+        engine.state.max_epochs = engine.state.epoch + math.ceil(remaining / per_epoch)
+
+    def _stop_at_budget(self, engine: SupervisedSegTrainer) -> None:
+        if engine.state.iteration >= engine.max_iterations:
+            engine.terminate()
+
+    def _record_scalars(self, engine: SupervisedSegTrainer) -> None:
+        # after backward the graph is spent: detached outputs let handlers read floats without autograd warnings
+        out = engine.state.output
+        items = out if isinstance(out, (list, tuple)) else [out]  # decollated: every item carries the scalars
+        lr = float(engine.optimizer.param_groups[0]["lr"])
+        for item in items:
+            for key in ("pred", "loss"):
+                if torch.is_tensor(item.get(key)):
+                    item[key] = item[key].detach()
+            item["lr"] = lr
+
+
+def labeled_records(
+    datalist: str | os.PathLike, key: str, dataset_dir: str | os.PathLike | None = None
+) -> list[dict[str, str]]:
+    """``[{"image": path, "label": path}, ...]`` (absolute paths) of one datalist key; every item needs a label.
+
+    Raises:
+        DataError: the key is missing, empty, or has items without a ``label`` (or files are missing).
+    """
+    from medssl.data.datalist import load_datalist
+
+    loaded = load_datalist(datalist, dataset_dir=dataset_dir, keys=[key])
+    items = loaded.items(key)
+    if not items:
+        raise DataError(datalist, f"the {key!r} key holds no cases")
+    unlabeled = [str(item.get("image")) for item in items if not item.get("label")]
+    if unlabeled:
+        raise DataError(datalist, f"{len(unlabeled)} {key!r} item(s) have no label, e.g. {unlabeled[0]}")
+    return [{"image": str(item["image"]), "label": str(item["label"])} for item in items]
+
+
+def class_names(
+    datalist: str | os.PathLike, num_classes: int, dataset_dir: str | os.PathLike | None = None
+) -> dict[int, str]:
+    """Label index → name for ``0 .. num_classes - 1`` from the datalist's ``labels``.
+
+    A datalist without ``labels`` gets ``{0: "background", 1: "class_1", ...}`` (logged).
+
+    Raises:
+        ConfigError: the datalist declares labels whose indices are not exactly ``0 .. num_classes - 1`` (set the
+            bundle's ``num_classes`` to match the data).
+    """
+    from medssl.data.datalist import load_datalist
+
+    declared = load_datalist(datalist, dataset_dir=dataset_dir, check_files=False).labels
+    if not declared:
+        logger.info(f"{datalist} declares no labels: naming {num_classes} classes by index")
+        return {0: "background", **{i: f"class_{i}" for i in range(1, int(num_classes))}}
+    indices = sorted(int(k) for k in declared)
+    if indices != list(range(int(num_classes))):
+        raise ConfigError(
+            "num_classes", f"is {num_classes} but {datalist} declares labels {indices}; set num_classes to match"
+        )
+    return {int(k): str(v) for k, v in sorted(declared.items(), key=lambda kv: int(kv[0]))}
