@@ -34,6 +34,7 @@ __all__ = ["DATALIST_KEYS", "PATH_FIELDS", "AFFINE_TOLERANCE_MM", "Datalist", "l
 DATALIST_KEYS = ("training", "validation", "unlabeled", "test")
 PATH_FIELDS = ("image", "label")
 AFFINE_TOLERANCE_MM = 1e-3
+LABELED_KEYS = ("training", "validation")
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,8 @@ def check_datalist(
     declared = set(dl.labels)
     infos: dict[str, ImageInfo | None] = {}
     checked_data: set[str] = set()
+    failed: set[str] = set()  # files with a problem: no derived pair checks (one line per defect)
+    empty: set[str] = set()  # label maps of labeled keys without foreground
     found_labels: set[int] = set()
 
     def info_of(p: str) -> ImageInfo | None:
@@ -255,17 +258,21 @@ def check_datalist(
             if data.dtype.kind == "f" and not np.isfinite(data).all():
                 raise DataError(p, f"{int(np.size(data) - np.isfinite(data).sum())} voxels are NaN or infinite")
         except DataError as exc:
+            failed.add(p)
             problems.append(exc)
 
-    def check_label_data(p: str) -> None:
+    def check_label_data(p: str, key: str) -> None:
         if p in checked_data or info_of(p) is None:
             return
         checked_data.add(p)
         try:
             values = _label_values(p, read_image_data(p))
         except DataError as exc:
+            failed.add(p)
             problems.append(exc)
             return
+        if key in LABELED_KEYS and not (values > 0).any():
+            empty.add(p)  # reported once the pair's geometry is known to be right (one line per defect)
         found_labels.update(int(v) for v in values)
         negative = [v for v in values if v < 0]
         if negative:
@@ -283,15 +290,22 @@ def check_datalist(
 
     counts: dict[str, tuple[int, int]] = {}
     for key, items in dl.data.items():
-        n_labeled = 0
+        n_labeled = n_items = 0
         for item in items:
             images, labels = _paths(item, "image"), _paths(item, "label")
             n_labeled += bool(labels)
+            if key in LABELED_KEYS and not labels:
+                problems.append(DataError(path, f"{key}[{n_items}] has no 'label' ({key!r} items must be labeled)"))
+            n_items += 1
+            for p in images + labels:
+                rel = os.path.relpath(p, dl.dataset_dir)
+                if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+                    problems.append(DataError(path, f"{key}: {p} lies outside dataset_dir {dl.dataset_dir}"))
             for p in images:
                 check_image_data(p)
             for p in labels:
-                check_label_data(p)
-            if not images or not labels or info_of(images[0]) is None:
+                check_label_data(p, key)
+            if not images or not labels or info_of(images[0]) is None or images[0] in failed:
                 continue
             ref = infos[images[0]]
             for p in labels:
@@ -313,6 +327,8 @@ def check_datalist(
                             f"spacing {np.round(ref.spacing, 4).tolist()}",
                         )
                     )
+                elif p in empty:
+                    problems.append(DataError(p, f"label map of a {key!r} item has no foreground (all voxels are 0)"))
         counts[key] = (len(items), n_labeled)
 
     if problems:

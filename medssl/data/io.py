@@ -12,6 +12,7 @@ accepted and treated as 3D; any other dimensionality is an error.
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import zlib
 from dataclasses import dataclass
@@ -106,6 +107,19 @@ def _one_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text[:300]}"
 
 
+def _check_size(path: Path, header, available: int) -> None:
+    """Refuse a NIfTI whose header declares more voxel bytes than the file holds, before allocating them."""
+    shape = header.get_data_shape()
+    needed = int(header.get_data_offset()) + int(np.prod(shape, dtype=np.float64)) * header.get_data_dtype().itemsize
+    if needed > available:
+        raise DataError(
+            path,
+            f"header declares {tuple(int(s) for s in shape)} voxels of {header.get_data_dtype()} ({needed} bytes) but "
+            f"the {'uncompressed ' if path.name.endswith('.gz') else ''}file holds {available} bytes "
+            "(truncated file or corrupt dimensions)",
+        )
+
+
 def _read_error(path: Path, suffix: str, exc: Exception) -> DataError:
     if suffix == ".nii.gz" and isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
         return DataError(path, f"corrupt or truncated gzip stream ({_one_line(exc)})")
@@ -136,6 +150,14 @@ def read_image_info(path: str | os.PathLike) -> ImageInfo:
         except Exception as exc:
             raise _read_error(path, suffix, exc) from exc
         spatial = _spatial_shape(path, shape)
+        if int(img.header["sform_code"]) == 0:
+            # without an sform the grid comes from pixdim, where nibabel's header check silently turns 0 into 1
+            # and -x into x: read the header again unchecked
+            with (gzip.open if suffix == ".nii.gz" else open)(path, "rb") as f:
+                raw_header = type(img.header).from_fileobj(f, check=False)
+            pixdim = tuple(float(p) for p in raw_header["pixdim"][1:4])
+            if not all(np.isfinite(p) and p > 0 for p in pixdim):
+                raise DataError(path, f"voxel spacing must be finite and > 0, got pixdim {pixdim} (no sform)")
         # The affine is what readers use; nibabel silently replaces zero pixdims in the header by 1.
         spacing = _check_spacing(path, np.linalg.norm(affine[:3, :3], axis=0))
         return ImageInfo(path, spatial, affine, spacing, np.dtype(dtype))
@@ -177,16 +199,20 @@ def read_image_data(path: str | os.PathLike) -> np.ndarray:
             with gzip.open(path, "rb") as f:
                 raw = f.read()
             klass = nib.Nifti2Image if raw[:4] in (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c") else nib.Nifti1Image
+            _check_size(path, klass.header_class.from_fileobj(io.BytesIO(raw)), len(raw))
             data = np.asanyarray(klass.from_bytes(raw).dataobj)
         elif suffix == ".nii":
             import nibabel as nib
 
+            _check_size(path, nib.load(str(path)).header, path.stat().st_size)
             data = np.asanyarray(nib.load(str(path)).dataobj)
         else:
             import SimpleITK as sitk
 
             # SimpleITK arrays are (z, y, x); transpose to the nibabel (x, y, z) convention.
             data = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).T
+    except DataError:
+        raise
     except Exception as exc:
         raise _read_error(path, suffix, exc) from exc
     return data.reshape(info.shape)

@@ -343,7 +343,13 @@ class CheckpointHandler:
         if not path.is_file():
             logger.info(f"resume requested but {path} does not exist: starting from scratch")
             return False
-        ckpt = load_checkpoint(path, map_location="cpu")
+        try:
+            ckpt = load_checkpoint(path, map_location="cpu")
+        except CheckpointError as e:
+            fallback = f"; the best weights are in {self.best_path}" if self.best_path.is_file() else ""
+            raise CheckpointError(
+                path, f"{e.problem}{fallback}; move {path.name} away to start this run from scratch"
+            ) from e
         if ckpt["stage"] != self.stage:
             raise CheckpointError(path, f"stage is {ckpt['stage']!r}, this run resumes {self.stage!r}")
         wanted = {"optimizer": self.optimizer, "scheduler": self.scheduler, **self.extra_modules}
@@ -365,6 +371,8 @@ class CheckpointHandler:
         self.best = dict(ckpt.get("best") or self.best)
         epoch, iteration = int(ckpt["progress"]["epoch"]), int(ckpt["progress"]["iteration"])
         engine.state.epoch, engine.state.iteration = epoch, iteration
+        # a resume that trains nothing (killed after the last save) must not re-save last.pt with a moved RNG
+        self._last_saved_iteration = iteration
         if engine.state.max_epochs is not None and epoch >= engine.state.max_epochs:
             logger.info(f"{path} is at epoch {epoch} >= max_epochs {engine.state.max_epochs}: nothing left to train")
         logger.info(f"resumed from {path} at epoch {epoch}, iteration {iteration}")

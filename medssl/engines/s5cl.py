@@ -634,6 +634,10 @@ class S5CLTrainer(SupervisedTrainer):
         w_l, w_u, w_c = engine.weights
         loss = w_l * loss_l + w_u * loss_u + w_c * loss_ce
         engine.state.output["loss"] = loss
+        # the parts too, so handlers of LOSS_COMPLETED (the NaN guard) can name them
+        engine.state.output.update(
+            {"loss_labeled": loss_l.detach(), "loss_unlabeled": loss_u.detach(), "loss_ce": loss_ce.detach()}
+        )
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if engine.scaler is not None:
             engine.scaler.scale(loss).backward()

@@ -96,6 +96,9 @@ class TwoViewSSLTrainer(SupervisedTrainer):
             parts = engine.loss_function(recon1, recon2, clean)
         loss = parts["total"]
         engine.state.output["loss"] = loss
+        # the parts too, so handlers of LOSS_COMPLETED (the NaN guard) can name them
+        engine.state.output["loss_reconstruction"] = parts["reconstruction"].detach()
+        engine.state.output["loss_contrastive"] = parts["contrastive"].detach()
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if engine.scaler is not None:
             engine.scaler.scale(loss).backward()

@@ -1,0 +1,78 @@
+"""NonFiniteLossGuard wired into the real ssl_pretrain bundle (tiny overlay): a NaN in the first step of epoch 2 stops the run.
+
+The guard is appended to ``train#handlers`` here (the bundles do not list it yet) and the bundle's loss is wrapped
+so that the first step of epoch 2 returns NaN; the run must stop with a message naming step and loss parts,
+``last.pt`` of epoch 1 must survive untouched, and the network must still hold its weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medssl.checkpoint import load_checkpoint
+from medssl.engines.guards import NonFiniteLossError
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = [str(REPO / "bundles" / "ssl_pretrain.yaml"), str(REPO / "bundles" / "tiny.yaml")]
+GUARD = {"_target_": "medssl.engines.guards.NonFiniteLossGuard", "output_dir": "@output_dir"}
+
+
+class _PoisonAt:
+    """The bundle's loss, with every part NaN at the ``at``-th call."""
+
+    def __init__(self, loss, at: int):
+        self.loss, self.at, self.calls = loss, at, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        parts = self.loss(*args)
+        if self.calls == self.at:
+            parts = {k: v * float("nan") if k != "reconstruction" else v for k, v in parts.items()}
+        return parts
+
+
+@pytest.fixture(scope="module")
+def stopped_run(ct_phantom, tmp_path_factory):
+    """Run the guarded, poisoned bundle once: (trainer, output folder, steps per epoch, the raised error)."""
+    from monai.bundle import ConfigWorkflow
+
+    tmp_path = tmp_path_factory.mktemp("guarded_ssl")
+    out = tmp_path / "out"
+    wf = ConfigWorkflow(
+        config_file=CONFIGS,
+        workflow_type="train",
+        bundle_root=str(tmp_path),
+        dataset_dir=str(Path(ct_phantom).parent),
+        output_dir=str(out),
+        device="cpu",
+        precision="fp32",
+        max_epochs=3,
+        validate_at_start=False,
+    )
+    wf.parser["train"]["handlers"].append(GUARD)
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    steps_per_epoch = len(trainer.data_loader)
+    trainer.loss_function = _PoisonAt(trainer.loss_function, at=steps_per_epoch + 1)
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.run()
+    return trainer, out, steps_per_epoch, info.value
+
+
+def test_nan_in_ssl_pretrain_stops_and_keeps_last_good_checkpoint(stopped_run):
+    trainer, out, steps_per_epoch, err = stopped_run
+    step = steps_per_epoch + 1
+    assert str(err).startswith(f"{out}: non-finite loss at iteration {step} (epoch 2): loss=nan")
+    last = load_checkpoint(out / "last.pt")
+    assert last["progress"] == {"epoch": 1, "iteration": steps_per_epoch}
+    weights = trainer.network.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in last["state_dict"].items())
+
+
+def test_nan_message_names_every_ssl_loss_part(stopped_run):
+    err = stopped_run[3]
+    assert {"loss", "loss_reconstruction", "loss_contrastive"} <= set(err.parts)
+    assert err.parts["loss_reconstruction"] == err.parts["loss_reconstruction"]  # the poisoned step kept it finite
