@@ -93,7 +93,8 @@ class StudyConfig:
         pretrain_bundle: bundle config file(s) to pretrain one when ``pretrained`` is not given.
         task: ``btcv`` or ``la``; default from the datalist's labels (2 labels → la, else btcv).
         overlays: bundle overlays applied to every run (e.g. ``bundles/tiny.yaml``).
-        overrides: extra bundle id overrides applied to every run.
+        overrides: extra bundle id overrides applied to every run (pretraining included).
+        val_interval: validation interval (iterations) of the study's training runs; default: the bundles'.
         device / precision: passed to the bundles and to inference.
         bundles_dir: where the bundle files are (default: the checkout's ``bundles/``).
     """
@@ -110,6 +111,7 @@ class StudyConfig:
     task: str | None = None
     overlays: list[str] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)
+    val_interval: int | None = None
     device: str = "auto"
     precision: str = "bf16"
     bundles_dir: str | None = None
@@ -300,6 +302,8 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
                     "pretrained_ckpt": pretrained if method.startswith("pretrained") else None,
                     "resume": "true",  # a killed cell continues from its last.pt
                 }
+                if cfg.val_interval is not None:
+                    overrides["val_interval"] = int(cfg.val_interval)
                 _run_logged(_bundle_command(files, overrides), cell_dir / "train.log", f"training cell {tag}")
                 _mark(cell_dir / "trained.json", {"budget": int(cfg.budget)})
             cell_rows = _evaluate_cell(cell_dir, datalist_path, cfg)

@@ -1,6 +1,6 @@
 """NonFiniteLossGuard wired into the real ssl_pretrain bundle (tiny overlay): a NaN in the first step of epoch 2 stops the run.
 
-The guard is appended to ``train#handlers`` here (the bundles do not list it yet) and the bundle's loss is wrapped
+The bundle lists the guard in ``train#handlers``; the bundle's loss is wrapped
 so that the first step of epoch 2 returns NaN; the run must stop with a message naming step and loss parts,
 ``last.pt`` of epoch 1 must survive untouched, and the network must still hold its weights.
 """
@@ -52,7 +52,7 @@ def stopped_run(ct_phantom, tmp_path_factory):
         max_epochs=3,
         validate_at_start=False,
     )
-    wf.parser["train"]["handlers"].append(GUARD)
+    assert GUARD in wf.parser["train"]["handlers"]  # every training bundle lists the guard itself
     wf.initialize()
     trainer = wf.parser.get_parsed_content("train#trainer")
     steps_per_epoch = len(trainer.data_loader)
