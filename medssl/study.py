@@ -69,7 +69,8 @@ BUNDLES = {
     ("la", "finetune"): ("la_vnet.yaml",),
     ("la", "mean_teacher"): ("mean_teacher.yaml",),
 }
-RESULT_COLUMNS = ("method", "labeled", "seed", "case", "label", "name", "dice", "jaccard", "hd95", "asd")
+# one row per method × count × seed × case × class: the metric columns of medssl.metrics
+RESULT_COLUMNS = ("method", "labeled", "seed", "case", "label", "name", "dice", "jaccard", "hd95_mm", "asd_mm")
 
 
 def default_bundles_dir() -> Path:

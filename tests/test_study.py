@@ -60,11 +60,18 @@ def _rows(spec):
                     "name": "organ",
                     "dice": d,
                     "jaccard": d / (2 - d),
-                    "hd95": 1.0,
-                    "asd": 0.5,
+                    "hd95_mm": 1.0,
+                    "asd_mm": 0.5,
                 }
             )
     return rows
+
+
+def test_result_columns_follow_the_metrics_module():
+    from medssl.metrics import COLUMNS
+    from medssl.study import RESULT_COLUMNS
+
+    assert set(RESULT_COLUMNS[3:]) <= set(COLUMNS)
 
 
 def test_aggregation_and_table_on_hand_made_results(tmp_path):
