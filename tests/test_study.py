@@ -153,3 +153,33 @@ def test_yaml_form_rejects_unknown_keys(tmp_path):
     cfg.write_text("datalist: d.json\nout: o\nlabeled: [2, 3]\nseeds: [5]\n")
     loaded = StudyConfig.from_yaml(cfg, budget=7)
     assert loaded.labeled == [2, 3] and loaded.seed_list == [5] and loaded.budget == 7
+
+
+def test_very_small_study_runs_end_to_end(ct_phantom, tmp_path, repo_root):
+    """1 labeled count, 2 methods, 1 seed, 3 iterations: real bundles, inference and metrics."""
+    cfg = StudyConfig(
+        datalist=str(ct_phantom),
+        out=str(tmp_path / "study"),
+        labeled=[1],
+        methods=["scratch", "mean_teacher"],
+        seeds=1,
+        budget=3,
+        overlays=[str(repo_root / "bundles" / "tiny.yaml")],
+        overrides={"cache_rate": 1.0, "num_workers": 0},
+        val_interval=3,
+        device="cpu",
+        precision="bf16",
+    )
+    paths = run_study(cfg)
+    with open(paths["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    n_val = len(json.loads(ct_phantom.read_text())["validation"])
+    # one row per method x case x foreground class (13 organs)
+    assert len(rows) == 2 * n_val * 13
+    assert {r["method"] for r in rows} == {"scratch", "mean_teacher"}
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    for method in ("scratch", "mean_teacher"):
+        cell = tmp_path / "study" / "cells" / f"{method}_n1_seed0"
+        assert (cell / "model.pt").is_file() and (cell / "done.json").is_file()
+        assert len(json.loads((cell / "datalist.json").read_text())["training"]) == 1
+    assert "| scratch |" in paths["md"].read_text() and paths["png"].stat().st_size > 1000
