@@ -37,7 +37,14 @@ from torch import nn
 
 from medssl.data.samplers import TwoStreamBatchSampler
 from medssl.engines.ema import EMATeacherHandler, make_teacher, teacher_noise
-from medssl.engines.utils import autocast, cuda_amp, cuda_amp_kwargs, first_output, uses_grad_scaler
+from medssl.engines.utils import (
+    autocast,
+    backward_and_step,
+    cuda_amp,
+    cuda_amp_kwargs,
+    first_output,
+    uses_grad_scaler,
+)
 from medssl.errors import ConfigError, DataError
 from medssl.losses.consistency import (
     CONSISTENCY_LOSSES,
@@ -358,16 +365,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss = engine.state.output[Keys.LOSS]
-        if engine.amp and engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # runs the EMA update
+        backward_and_step(engine, loss)  # runs the EMA update
         return engine.state.output
 
 

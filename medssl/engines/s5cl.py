@@ -42,7 +42,7 @@ from monai.utils import ensure_tuple_rep
 from torch import nn
 
 from medssl.data.patches import DEFAULT_ORGANS, token_majority_labels
-from medssl.engines.utils import autocast, resolve_device, uses_grad_scaler
+from medssl.engines.utils import autocast, backward_and_step, resolve_device, uses_grad_scaler
 from medssl.errors import ConfigError, DataError
 from medssl.losses.supcon import SupConLoss
 
@@ -639,16 +639,7 @@ class S5CLTrainer(SupervisedTrainer):
             {"loss_labeled": loss_l.detach(), "loss_unlabeled": loss_u.detach(), "loss_ce": loss_ce.detach()}
         )
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        backward_and_step(engine, loss)
 
         result = engine.state.output
         result.update(

@@ -9,7 +9,7 @@ import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 
-from medssl.engines.utils import autocast, first_output, resolve_device, uses_grad_scaler
+from medssl.engines.utils import autocast, backward_and_step, first_output, resolve_device, uses_grad_scaler
 
 __all__ = ["TwoViewSSLTrainer"]
 
@@ -100,16 +100,7 @@ class TwoViewSSLTrainer(SupervisedTrainer):
         engine.state.output["loss_reconstruction"] = parts["reconstruction"].detach()
         engine.state.output["loss_contrastive"] = parts["contrastive"].detach()
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        backward_and_step(engine, loss)
 
         out = engine.state.output
         out["pred"] = recon1.detach()

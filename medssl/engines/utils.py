@@ -28,6 +28,7 @@ import torch
 from medssl.errors import ConfigError, DataError
 
 __all__ = [
+    "backward_and_step",
     "PRECISIONS",
     "resolve_device",
     "as_bool",
@@ -326,3 +327,24 @@ class FixedRandomDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         self.transform.set_random_state(seed=(self.seed + int(index)) % (2**32))
         return self.transform(dict(self.data[index]))
+
+
+def backward_and_step(engine: Any, loss: torch.Tensor) -> None:
+    """Backward pass and optimizer step of a custom ``_iteration``, firing MONAI's iteration events.
+
+    Scales the loss when the engine holds a GradScaler (fp16 AMP on CUDA). Fires ``BACKWARD_COMPLETED`` after the
+    backward pass and ``MODEL_COMPLETED`` after the step (an EMA teacher updates there).
+    """
+    from monai.engines.utils import IterationEvents
+
+    scaler = getattr(engine, "scaler", None)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        scaler.step(engine.optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()
+    engine.fire_event(IterationEvents.MODEL_COMPLETED)

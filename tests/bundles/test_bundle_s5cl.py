@@ -46,7 +46,15 @@ def _scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
 def classification_run(ct_phantom, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("s5cl_cls") / "out"
     # 3 training cases x 6 organs x 2 patches, 1 labeled per class: 30 unlabeled patches, 8 steps per epoch
-    return _run(Path(ct_phantom).parent, out, widen_factor=0.25, samples_per_organ=2, labeled_per_class=1)
+    # (steps_per_epoch null = one pass of the unlabeled loader, overriding tiny.yaml's 4)
+    return _run(
+        Path(ct_phantom).parent,
+        out,
+        widen_factor=0.25,
+        samples_per_organ=2,
+        labeled_per_class=1,
+        steps_per_epoch="$None",
+    )
 
 
 @pytest.fixture(scope="module")
