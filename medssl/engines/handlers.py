@@ -32,6 +32,7 @@ from medssl.errors import CheckpointError
 
 __all__ = [
     "CheckpointHandler",
+    "CsvLog",
     "MetricHistory",
     "image_grid",
     "save_image_grid",
@@ -384,6 +385,37 @@ class CheckpointHandler:
             restore_transform_rng(self.train_transform, saved["transform_rng"])
 
 
+class CsvLog:
+    """Rows appended to a CSV file, header first; a fresh log replaces a file an earlier run left there.
+
+    Args:
+        path: the CSV file.
+        append: keep an existing file (a resumed run continues its log).
+    """
+
+    def __init__(self, path: str | os.PathLike, append: bool = False) -> None:
+        self.path = Path(path)
+        self._fresh = not as_bool(append, "append")
+
+    def append(self, header: Sequence[str], values: Sequence[Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._fresh:
+            self.path.unlink(missing_ok=True)
+            self._fresh = False
+        new = not self.path.is_file()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(list(header))
+            writer.writerow(list(values))
+
+    @staticmethod
+    def read(path: str | os.PathLike) -> list[dict[str, float]]:
+        """The rows as dicts of floats (empty cells left out)."""
+        with open(path, newline="") as f:
+            return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
 class MetricHistory:
     """Append ``epoch,<metric>...`` to a CSV each time the attached evaluator completes (one line per run).
 
@@ -400,7 +432,7 @@ class MetricHistory:
     ) -> None:
         self.path = Path(path)
         self.metric_names = list(metric_names)
-        self._fresh = not as_bool(append, "append")
+        self._log = CsvLog(path, append)
         self.rank = rank
 
     def attach(self, engine) -> None:
@@ -411,21 +443,10 @@ class MetricHistory:
     def __call__(self, engine) -> None:
         if self.rank != 0:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self._fresh:
-            self.path.unlink(missing_ok=True)
-            self._fresh = False
-        new = not self.path.is_file()
-        with open(self.path, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(["epoch", *self.metric_names])
-            writer.writerow([engine.state.epoch, *(engine.state.metrics.get(k, "") for k in self.metric_names)])
+        values = [engine.state.epoch, *(engine.state.metrics.get(k, "") for k in self.metric_names)]
+        self._log.append(["epoch", *self.metric_names], values)
 
-    @staticmethod
-    def read(path: str | os.PathLike) -> list[dict[str, float]]:
-        with open(path, newline="") as f:
-            return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+    read = staticmethod(CsvLog.read)
 
 
 # -------------------------------------------------------------------------------------------- image grids

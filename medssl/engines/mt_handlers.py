@@ -21,7 +21,6 @@ the left atrium: Yu et al., UA-MT, MICCAI 2019 (https://arxiv.org/abs/1907.07034
 
 from __future__ import annotations
 
-import csv
 import functools
 import logging
 import math
@@ -34,6 +33,7 @@ import torch
 
 from medssl.checkpoint import save_checkpoint
 from medssl.engines.ema import unwrap_model
+from medssl.engines.handlers import CsvLog
 from medssl.engines.utils import as_bool
 
 __all__ = ["BestOfCheckpoint", "ValidationLog", "StopAtIteration", "BatchNormRecalibration"]
@@ -207,7 +207,7 @@ class ValidationLog:
         self.metric_names = [metric_names] if isinstance(metric_names, str) else list(metric_names)
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.csv_path = None if csv_path is None else Path(csv_path)
-        self._fresh = not as_bool(append, "append")
+        self._log = None if csv_path is None else CsvLog(csv_path, append)
         self.rank = int(rank)
         self.columns = [f"{m}/{n}" for n in self.evaluators for m in self.metric_names]
         self._trainer = None
@@ -243,29 +243,17 @@ class ValidationLog:
             self._row = {}
 
     def _write_row(self, iteration: int, epoch: int) -> None:
-        if self.csv_path is None:
-            return
-        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-        if self._fresh:
-            self.csv_path.unlink(missing_ok=True)
-            self._fresh = False
-        new = not self.csv_path.is_file()
-        with open(self.csv_path, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(["iteration", "epoch", *self.columns])
-            writer.writerow([iteration, epoch, *(self._row[c] for c in self.columns)])
+        if self._log is not None:
+            self._log.append(
+                ["iteration", "epoch", *self.columns], [iteration, epoch, *(self._row[c] for c in self.columns)]
+            )
 
     def close(self, engine=None) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
 
-    @staticmethod
-    def read(path: str | os.PathLike) -> list[dict[str, float]]:
-        """The CSV rows as dicts of floats."""
-        with open(path, newline="") as f:
-            return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+    read = staticmethod(CsvLog.read)
 
 
 class StopAtIteration:

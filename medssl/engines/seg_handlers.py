@@ -11,7 +11,6 @@ logged against the trainer's iteration (the evaluator itself only knows the trai
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -22,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from medssl.engines.handlers import CsvLog
 
 __all__ = ["PerClassDiceLogger", "BestOverlaySaver", "save_overlay_png", "overlay_slices"]
 
@@ -76,7 +77,7 @@ class PerClassDiceLogger:
         self.include_background = as_bool(include_background, "include_background")
         self.log_dir = log_dir
         self.csv_path = Path(csv_path) if csv_path is not None else None
-        self._fresh = not as_bool(append, "append")
+        self._log = CsvLog(csv_path, append) if csv_path is not None else None
         self.rank = rank
         self.writer = None
         self.history: list[dict[str, float]] = []
@@ -120,20 +121,8 @@ class PerClassDiceLogger:
                 if name not in ("iteration", "epoch") and math.isfinite(value):
                     self.writer.add_scalar(name, value, step)
             self.writer.flush()
-        if self.csv_path is not None:
-            self._write_csv(row)
-
-    def _write_csv(self, row: Mapping[str, float]) -> None:
-        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-        if self._fresh:
-            self.csv_path.unlink(missing_ok=True)
-            self._fresh = False
-        new = not self.csv_path.is_file()
-        with open(self.csv_path, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(list(row))
-            writer.writerow(list(row.values()))
+        if self._log is not None:
+            self._log.append(list(row), list(row.values()))
 
     def close(self, engine=None) -> None:
         if self.writer is not None:
