@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from medssl import resources
 from medssl.atomic import atomic_write_text
 from medssl.errors import ConfigError, MedsslError
 
@@ -74,8 +75,8 @@ RESULT_COLUMNS = ("method", "labeled", "seed", "case", "label", "name", "dice", 
 
 
 def default_bundles_dir() -> Path:
-    """``bundles/`` of the source checkout medssl runs from."""
-    return Path(__file__).resolve().parents[1] / "bundles"
+    """``bundles/`` of the medssl home (see :mod:`medssl.resources`)."""
+    return resources.bundles_dir()
 
 
 @dataclass

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from medssl import resources
 from medssl.atomic import atomic_write_text
 from medssl.data.datalist import AFFINE_TOLERANCE_MM
 from medssl.data.io import read_image_info
@@ -86,8 +87,8 @@ _NII = (".nii.gz", ".nii")
 
 
 def default_splits_dir() -> Path:
-    """``json_splits/`` of the source checkout this package runs from (installed with ``pip install -e .``)."""
-    return Path(__file__).resolve().parents[2] / "json_splits"
+    """``json_splits/`` of the medssl home (see :mod:`medssl.resources`)."""
+    return resources.splits_dir()
 
 
 def _reference(splits_dir, dataset: str, filename: str) -> dict[str, Any]:
