@@ -1,7 +1,9 @@
 """The ``medssl`` console script: parse arguments, then call a typed function a Python user can call too.
 
 User errors (:class:`medssl.errors.MedsslError`) print ``medssl: error: <file>: <problem>`` (one line per
-problem) and exit with code 2; anything else is a bug and keeps its traceback.
+problem) and exit with code 2; anything else is a bug and keeps its traceback. ``medssl infer`` on several files
+or folders segments every good volume, prints one such line per bad one (as it fails, no output left for it), the
+summary (``N of M volumes segmented; K failed``) on stdout, and exits with code 2 when any volume failed.
 """
 
 from __future__ import annotations
@@ -78,10 +80,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_error(error: MedsslError) -> None:
+    for line in str(error).splitlines():
+        print(f"medssl: error: {line}", file=sys.stderr, flush=True)
+
+
 def _cmd_infer(args: argparse.Namespace) -> int:
     from medssl.inference import infer
 
-    # raises ErrorList (one line per failed volume + a summary; exit 2) after trying every volume
+    # every volume is tried: a bad one prints its one error line at once and leaves no output, the good ones are
+    # written; the summary goes to stdout and any failure makes the exit code 2
     report = infer(
         args.model,
         args.input,
@@ -95,9 +103,11 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         largest_component=args.largest_component,
         interpolation=args.interpolation,
         progress=not args.no_progress,
+        raise_on_error=False,
+        on_error=_print_error,
     )
     print(report.summary())
-    return 0
+    return EXIT_USER_ERROR if report.failures else 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -223,7 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_infer,
     )
     p.add_argument("--model", required=True, help="medssl checkpoint (model.pt); preprocessing and roi come from it")
-    p.add_argument("--input", required=True, nargs="+", help="image files and/or folders of images")
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        help="image files and/or folders of images; a bad one gets one error line and no output, the others are "
+        "still segmented (exit code 2 if any failed)",
+    )
     p.add_argument("--output", required=True, help="folder for <name>_seg.nii.gz (+ .json sidecar)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--precision", choices=["bf16", "fp32", "amp"], default="bf16", help="(default: bf16)")
@@ -285,8 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MedsslError as e:
-        for line in str(e).splitlines():
-            print(f"medssl: error: {line}", file=sys.stderr)
+        _print_error(e)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("medssl: interrupted", file=sys.stderr)

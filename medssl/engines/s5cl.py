@@ -25,15 +25,19 @@ Two modes share :class:`S5CLTrainer`:
 
 Loaders: the trainer's ``train_data_loader`` is the **unlabeled** loader (an epoch is one pass over it, so the
 default ``pseudo_label_start`` is one epoch); the labeled loader is iterated cyclically inside the trainer (a new
-pass, reshuffled, whenever it runs out), because the labeled set is the small one.
+pass, reshuffled, whenever it runs out), because the labeled set is the small one. The order of labeled pass ``p``
+comes from a generator seeded with ``(labeled_seed, p)`` and step ``i`` always takes batch ``(i - 1) mod L`` of pass
+``(i - 1) // L`` (``L`` labeled batches), so a run resumed from a checkpoint at any step draws exactly the labeled
+batches an unbroken run would have drawn; likewise the pseudo-label switch step is a function of the step.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.engines import SupervisedTrainer
@@ -468,12 +472,24 @@ class S5CLTrainer(SupervisedTrainer):
         gather_distributed: SupCon negatives from every DDP rank.
         precision: ``"bf16"``, ``"amp"`` or ``"fp32"`` (see :func:`medssl.engines.utils.autocast`).
         weak_key, strong_key, label_key, true_label_key: batch keys.
+        labeled_seed: seeds the order of every labeled pass (with the pass index); ``None``: ``torch.initial_seed()``
+            at construction, i.e. the bundle's ``seed`` after ``seed_everything``. A ``RandomSampler`` (``shuffle``)
+            and the loader's worker seeds draw from it, a sampler with ``set_epoch`` (``DistributedSampler``) gets
+            the pass index, so the labeled stream never touches torch's global RNG and is reproducible from the
+            step alone (exact resume).
         kwargs: other ``SupervisedTrainer`` arguments (``epoch_length``, ``train_handlers``, ...).
 
     ``engine.state.output`` holds the scalars ``loss``, ``loss_labeled``, ``loss_unlabeled``, ``loss_ce``,
     ``pseudo_labels`` (0 before the switch, 1 after), ``pseudo_label_confident`` (fraction above the threshold),
     ``pseudo_label_accuracy`` (of the confident pseudo-labels, when ``true_label_key`` is in the batch) and ``lr``;
-    ``engine.state.pseudo_label_switch_step`` is the first step that used pseudo-labels (``None`` before).
+    ``engine.state.pseudo_label_switch_step`` is the first step that used pseudo-labels (``None`` before; also
+    right after a resume past the switch).
+
+    Resume: with ``engine.state.iteration`` restored (e.g. by :class:`medssl.engines.handlers.CheckpointHandler`),
+    the next step repositions the labeled stream by skipping indices (no loading, no RNG draw; with loader workers
+    the skipped batches are loaded and dropped, which keeps the workers' transform streams aligned). Not exact: a
+    labeled loader without ``len()`` (restarts a pass), and an ``epoch_length`` shorter than the unlabeled loader
+    (ignite restarts the unlabeled pass on resume where an unbroken run continues it).
 
     Raises:
         ConfigError: ``τ_u <= τ_l``, an unknown mode, or a negative ``pseudo_label_start``.
@@ -503,6 +519,7 @@ class S5CLTrainer(SupervisedTrainer):
         strong_key: str = "image_strong",
         label_key: str = "label",
         true_label_key: str = "true_label",
+        labeled_seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         if mode not in MODES:
@@ -534,7 +551,9 @@ class S5CLTrainer(SupervisedTrainer):
         self.mode = mode
         self.num_classes = num_classes
         self.labeled_data_loader = labeled_data_loader
-        self._labeled_iter = None
+        self.labeled_seed = int(torch.initial_seed() if labeled_seed is None else labeled_seed)
+        self._labeled_iter: Iterator | None = None
+        self._labeled_next = 0  # index of the labeled draw self._labeled_iter yields next
         self.labeled_loss = SupConLoss(temperature_labeled, gather_distributed=gather_distributed)
         self.unlabeled_loss = SupConLoss(temperature_unlabeled, gather_distributed=gather_distributed)
         self.weights = (float(weight_labeled), float(weight_unlabeled), float(weight_ce))
@@ -543,17 +562,64 @@ class S5CLTrainer(SupervisedTrainer):
         self.tokens_per_volume = None if tokens_per_volume is None else int(tokens_per_volume)
         self.keys = (weak_key, strong_key, label_key, true_label_key)
         self.state.pseudo_label_switch_step = None
+        from ignite.engine import Events
+
+        # after the train handlers' STARTED (a CheckpointHandler's restore sets the iteration)
+        self.add_event_handler(Events.STARTED, S5CLTrainer._sync_switch_step)
 
     # ------------------------------------------------------------------------------------------------ data
 
-    def _next_labeled(self) -> Mapping[str, Any]:
-        if self._labeled_iter is None:
-            self._labeled_iter = iter(self.labeled_data_loader)
+    def _labeled_pass(self, index: int) -> Iterator:
+        """A fresh iterator over the labeled loader for its ``index``-th pass (0-based), ordered by
+        ``(labeled_seed, index)`` only."""
+        from torch.utils.data import DataLoader, RandomSampler
+
+        loader = self.labeled_data_loader
+        seed = int(np.random.SeedSequence([self.labeled_seed, index]).generate_state(1, np.uint64)[0])
+        generator = torch.Generator().manual_seed(seed)
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(index)
+        elif isinstance(sampler, RandomSampler):
+            sampler.generator = generator
+        if isinstance(loader, DataLoader):
+            loader.generator = generator  # the workers' base seed, drawn when the iterator is created
+        return iter(loader)
+
+    def _seek_labeled(self, draw: int) -> None:
+        """Position the labeled stream so that the next batch is the ``draw``-th (0-based) of the whole run."""
         try:
-            return next(self._labeled_iter)
+            length = len(self.labeled_data_loader)
+        except TypeError:
+            length = None
+        if not length:
+            if draw:
+                logger.warning(f"S5CL: the labeled loader has no length; step {draw + 1} starts a new labeled pass")
+            self._labeled_iter, self._labeled_next = iter(self.labeled_data_loader), draw
+            return
+        it = self._labeled_pass(draw // length)
+        skip = draw % length
+        if skip and getattr(self.labeled_data_loader, "num_workers", 1) == 0 and hasattr(it, "_next_index"):
+            for _ in range(skip):  # indices only: nothing is loaded, no transform draws a random number
+                it._next_index()
+        else:  # workers (or any iterable): load and drop, so the workers' random streams move as unbroken
+            for _ in range(skip):
+                next(it)
+        self._labeled_iter, self._labeled_next = it, draw
+
+    def _next_labeled(self, draw: int | None = None) -> Mapping[str, Any]:
+        """The ``draw``-th labeled batch of the run (default: the one after the last); a pass that runs out is
+        followed by the next, reshuffled."""
+        draw = self._labeled_next if draw is None else int(draw)
+        if self._labeled_iter is None or draw != self._labeled_next:
+            self._seek_labeled(draw)
+        try:
+            batch = next(self._labeled_iter)
         except StopIteration:
-            self._labeled_iter = iter(self.labeled_data_loader)
-            return next(self._labeled_iter)
+            self._seek_labeled(draw)
+            batch = next(self._labeled_iter)
+        self._labeled_next = draw + 1
+        return batch
 
     def switch_step(self) -> int:
         """The first step that uses pseudo-labels (1-based iteration)."""
@@ -561,6 +627,12 @@ class S5CLTrainer(SupervisedTrainer):
         if start is None:
             start = self.state.epoch_length or len(self.data_loader)
         return int(start) + 1
+
+    def _sync_switch_step(self) -> None:
+        """``state.pseudo_label_switch_step`` from the step: every step runs once, so the first one that used
+        pseudo-labels is :meth:`switch_step` once the run got there (also after a resume)."""
+        step = self.switch_step()
+        self.state.pseudo_label_switch_step = step if self.state.iteration >= step else None
 
     def _token_subset(self, n_tokens: int, device: torch.device) -> torch.Tensor | None:
         k = self.tokens_per_volume
@@ -575,7 +647,8 @@ class S5CLTrainer(SupervisedTrainer):
             raise ValueError("Must provide batch data for current iteration.")
         dev, nb = engine.state.device, engine.non_blocking
         weak_key, strong_key, label_key, true_key = engine.keys
-        labeled = engine._next_labeled()
+        # one labeled batch per step: the draw index follows from the step (see the module docstring)
+        labeled = engine._next_labeled(engine.state.iteration - 1)
         lw, ls = (_plain(labeled[k], dev, nb) for k in (weak_key, strong_key))
         uw, us = (_plain(batchdata[k], dev, nb) for k in (weak_key, strong_key))
         labels = _plain(labeled[label_key], dev, nb)
@@ -583,8 +656,9 @@ class S5CLTrainer(SupervisedTrainer):
         nl, nu = lw.shape[0], uw.shape[0]
         use_pseudo = engine.state.iteration >= engine.switch_step()
         if use_pseudo and engine.state.pseudo_label_switch_step is None:
-            engine.state.pseudo_label_switch_step = int(engine.state.iteration)
-            logger.info(f"S5CL: pseudo-labels replace instance contrast from step {engine.state.iteration}")
+            engine._sync_switch_step()
+            if engine.state.iteration == engine.state.pseudo_label_switch_step:
+                logger.info(f"S5CL: pseudo-labels replace instance contrast from step {engine.state.iteration}")
         engine.state.output = {weak_key: uw, strong_key: us}
 
         engine.network.train()

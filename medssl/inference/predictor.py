@@ -25,7 +25,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -407,8 +407,17 @@ class Predictor:
         output_dir: str | os.PathLike,
         *,
         raise_on_error: bool = True,
+        on_error: Callable[[MedsslError], None] | None = None,
     ) -> InferenceReport:
         """Segment files and folders of files; a failing volume does not stop the others.
+
+        Args:
+            inputs: image files and/or folders of images.
+            output_dir: folder of the outputs.
+            raise_on_error: raise :class:`ErrorList` at the end when a volume failed (otherwise the failures are
+                in the returned report only).
+            on_error: called with each volume's error as soon as it fails (e.g. the CLI prints its one-line
+                message there); default: a logged warning.
 
         Raises:
             DataError: before any work: ``output_dir`` is a file, an input path does not exist, a folder has no
@@ -429,9 +438,13 @@ class Predictor:
                 seen[name] = path
                 report.written[str(path)] = self.predict_file(path, output_dir, protected=protected)
             except MedsslError as e:
-                logger.warning("%s (continuing with the next volume)", e)
+                if on_error is None:
+                    logger.warning("%s (continuing with the next volume)", e)
+                else:
+                    on_error(e)
                 report.failures.append(e)
-        logger.info("%s", report.summary())
+        # the summary reaches the caller (return value or ErrorList): logged for debugging only
+        logger.debug("%s", report.summary())
         if report.failures and raise_on_error:
             raise ErrorList(report.failures + [DataError(None, report.summary())])
         return report
@@ -451,8 +464,17 @@ def infer(
     largest_component: bool = False,
     interpolation: str = "linear",
     progress: bool = True,
+    raise_on_error: bool = True,
+    on_error: Callable[[MedsslError], None] | None = None,
 ) -> InferenceReport:
-    """``medssl infer``: :class:`Predictor` on files / folders; raises :class:`ErrorList` if any volume failed."""
+    """``medssl infer``: :class:`Predictor` on files / folders.
+
+    Every volume is tried; a failed one leaves no output. ``raise_on_error`` and ``on_error`` as in
+    :meth:`Predictor.predict_paths`.
+
+    Raises:
+        ErrorList: when ``raise_on_error`` and any volume failed: one line per failed volume and a summary line.
+    """
     predictor = Predictor(
         model,
         device=device,
@@ -465,4 +487,4 @@ def infer(
         interpolation=interpolation,
         progress=progress,
     )
-    return predictor.predict_paths(inputs, output_dir)
+    return predictor.predict_paths(inputs, output_dir, raise_on_error=raise_on_error, on_error=on_error)

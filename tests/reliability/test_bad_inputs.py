@@ -3,8 +3,8 @@
 Per kind: exit code 2, stderr is exactly one line ``medssl: error: <file>: <problem>`` naming the damaged file,
 nothing on stdout, and the dataset folder is byte-for-byte unchanged with no new files (no partial outputs).
 The kinds whose defect is in an image also go through ``medssl.inference.infer`` (the function behind
-``medssl infer``) and, once the CLI has it, the ``medssl infer`` command: one error line naming the file, no
-output file written, the dataset untouched.
+``medssl infer``) and the ``medssl infer`` command: exactly one error line naming the file, no
+output file written, the dataset untouched; a folder of good and bad scans segments the good ones.
 """
 
 from __future__ import annotations
@@ -75,13 +75,6 @@ def _threshold_model(path: Path) -> Path:
     )
 
 
-def _cli_has(command: str) -> bool:
-    from medssl.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return command in sub.choices
-
-
 def _assert_infer_error(lines: list[str], file: Path, problem: str) -> None:
     naming = [line for line in lines if f"{file}: " in line]
     assert len(naming) == 1, f"expected one line naming {file}, got {lines}"
@@ -114,7 +107,6 @@ def test_infer_rejects_bad_image(bad_image, tmp_path):
     assert snapshot(ds.root) == before
 
 
-@pytest.mark.skipif(not _cli_has("infer"), reason="medssl.cli has no 'infer' command yet (infer() is tested above)")
 def test_cli_infer_rejects_bad_image(bad_image, tmp_path, capsys):
     ds, file, problem = bad_image
     model = _threshold_model(tmp_path / "model.pt")
@@ -123,6 +115,51 @@ def test_cli_infer_rejects_bad_image(bad_image, tmp_path, capsys):
     rc, _, err = run_cli(argv, capsys)
     assert rc == 2, err
     lines = [line.removeprefix("medssl: error: ") for line in err.splitlines() if line.startswith("medssl: error: ")]
+    assert len(lines) == 1, lines  # the summary ("0 of 1 volumes segmented; 1 failed") is on stdout
     _assert_infer_error(lines, file, problem)
     assert not out.exists() or not any(out.iterdir())
     assert snapshot(ds.root) == before
+
+
+def test_cli_infer_folder_segments_good_files_and_names_each_bad_one(tmp_path, capsys):
+    """A folder with good and bad scans: every good one is segmented, each bad one gets exactly one error line (and
+    no output), the summary goes to stdout, exit code 2; the input folder is untouched."""
+    import nibabel as nib
+    import numpy as np
+
+    folder, out = tmp_path / "scans", tmp_path / "out"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    for name in ("good_a", "good_b"):
+        nib.save(nib.Nifti1Image(rng.normal(size=(8, 8, 6)).astype(np.float32), affine), str(folder / f"{name}.nii.gz"))
+    truncated = folder / "bad_truncated.nii.gz"
+    data = (folder / "good_a.nii.gz").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    empty = folder / "bad_empty.nii.gz"
+    empty.write_bytes(b"")
+    flat = folder / "bad_2d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), affine), str(flat))
+    bad = {truncated: r"corrupt or truncated", empty: r"empty \(0 bytes\)", flat: r"is 2D"}
+    before = snapshot(folder)
+
+    argv = ["infer", "--model", str(_threshold_model(tmp_path / "model.pt")), "--input", str(folder)]
+    rc, stdout, err = run_cli([*argv, "--output", str(out), "--precision", "fp32", "--no-progress"], capsys)
+    assert rc == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("medssl: error: ")]
+    assert len(errors) == len(bad), errors  # one line per bad file, nothing else prefixed as an error
+    for file, problem in bad.items():
+        _assert_infer_error([e.removeprefix("medssl: error: ") for e in errors if f"{file}: " in e], file, problem)
+    assert all(str(folder / "good_") not in line for line in err.splitlines()), err  # good files cause no error
+    assert stdout.strip() == "2 of 5 volumes segmented; 3 failed"
+    assert sorted(p.name for p in out.glob("*_seg.nii.gz")) == ["good_a_seg.nii.gz", "good_b_seg.nii.gz"]
+    assert not [p for p in out.iterdir() if p.name.startswith("bad_") or p.name.startswith(".")]
+    assert snapshot(folder) == before
+
+
+def test_cli_infer_all_good_exits_zero(valid_dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["infer", "--model", str(_threshold_model(tmp_path / "model.pt")), "--input", str(valid_dataset.image)]
+    rc, stdout, err = run_cli([*argv, "--output", str(out), "--precision", "fp32", "--no-progress"], capsys)
+    assert (rc, stdout.strip()) == (0, "1 of 1 volumes segmented"), err
+    assert "medssl: error" not in err
