@@ -15,6 +15,11 @@ Either way the exception propagates out of ``engine.run()``: ignite does not fir
 ``COMPLETED``, so :class:`~medssl.engines.handlers.CheckpointHandler` (which saves ``last.pt`` on those events
 and ``model.pt`` from an ``ITERATION_COMPLETED`` handler it registers when the run starts, i.e. after this guard)
 never writes the bad state: the last good checkpoints stay on disk, and the process exits non-zero.
+
+In a process group (torchrun) the ranks agree before raising: one ``all_reduce`` per check tells every rank which
+ranks saw a non-finite loss, and all of them raise at the same iteration, so a NaN on one rank never leaves the
+others waiting in DDP's gradient all-reduce. Every rank must therefore attach the guard (``main_process_only`` in
+:mod:`medssl.engines.distributed` keeps it).
 """
 
 from __future__ import annotations
@@ -136,11 +141,75 @@ class NonFiniteLossGuard:
         self._check(engine, "stopped after the optimizer step, the weights in memory may be damaged")
 
     def _check(self, engine, when: str) -> None:
-        parts = loss_parts(engine.state.output, self.keys)
-        if all(math.isfinite(v) for v in parts.values()):
+        bad_ranks = _non_finite_ranks(_loss_tensors(engine.state.output, self.keys))
+        if not bad_ranks:
             return
+        parts = loss_parts(engine.state.output, self.keys)
         iteration, epoch = int(engine.state.iteration), int(engine.state.epoch)
-        listed = ", ".join(f"{k}={v:.6g}" for k, v in parts.items())
         kept = "" if self.output_dir is None else "; the checkpoints in this folder were not overwritten"
-        problem = f"non-finite loss at iteration {iteration} (epoch {epoch}): {listed}; {when}{kept}"
+        rank = _rank()
+        if rank in bad_ranks:
+            listed = ", ".join(f"{k}={v:.6g}" for k, v in parts.items())
+            where = "" if bad_ranks == [0] and _world_size() == 1 else f" on rank {rank}"
+            problem = f"non-finite loss at iteration {iteration} (epoch {epoch}){where}: {listed}; {when}{kept}"
+        else:
+            problem = (
+                f"non-finite loss at iteration {iteration} (epoch {epoch}) on rank(s) {bad_ranks}; every rank "
+                f"stops at the same iteration; {when}{kept}"
+            )
         raise NonFiniteLossError(self.output_dir, problem, iteration, epoch, parts)
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _loss_tensors(output: Any, keys: Sequence[str] | None) -> list[Any]:
+    """The scalar loss entries of ``output`` as found (tensors stay on their device; numbers stay numbers)."""
+    if isinstance(output, (list, tuple)) and output and isinstance(output[0], Mapping):
+        output = output[0]
+    if not isinstance(output, Mapping):
+        return [output] if _is_scalar(output) else []
+    names = [k for k in output if "loss" in str(k).lower()] if keys is None else [k for k in keys if k in output]
+    return [output[k] for k in names if _is_scalar(output[k])]
+
+
+def _is_scalar(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1)
+
+
+def _non_finite_ranks(values: Sequence[Any]) -> list[int]:
+    """Ranks whose ``values`` hold a NaN / Inf; every rank of a process group gets the same answer.
+
+    One host synchronisation per call (instead of one ``.item()`` per loss part): the flags are reduced on the
+    device, and in a process group one ``all_reduce`` of a per-rank flag vector tells every rank who failed, so all
+    ranks stop at the same iteration instead of the healthy ones waiting in DDP's gradient all-reduce.
+    """
+    world = _world_size()
+    tensors = [v.detach().reshape(()) for v in values if torch.is_tensor(v)]
+    numbers_ok = all(math.isfinite(float(v)) for v in values if not torch.is_tensor(v))
+    if world == 1:
+        if not numbers_ok:
+            return [0]
+        if not tensors:
+            return []
+        flag = torch.stack([t.float() for t in tensors]).isfinite().all()
+        return [] if bool(flag) else [0]
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flags = torch.zeros(world, dtype=torch.int32, device=device)
+    if not numbers_ok:
+        flags[_rank()] = 1
+    if tensors:
+        finite = torch.stack([t.float().to(device, non_blocking=True) for t in tensors]).isfinite().all()
+        flags[_rank()] += (~finite).to(torch.int32)
+    dist.all_reduce(flags)
+    return [r for r, f in enumerate(flags.tolist()) if f]

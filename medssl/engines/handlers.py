@@ -10,7 +10,9 @@
 
 Checkpoint keys (``medssl.checkpoint`` format): ``model.pt`` = network, state_dict, preprocessing, labels,
 stage, progress, ``best``; ``last.pt`` adds ``optimizer``, ``scheduler``, ``scaler``, one key per extra module
-(e.g. ``teacher``), ``rng`` (torch / numpy / python / CUDA) and ``transform_rng`` (MONAI random transforms).
+(e.g. ``teacher``), ``rng`` (torch / numpy / python / CUDA) and ``transform_rng`` (MONAI random transforms);
+a distributed run adds ``rng_ranks`` (every rank's ``rng`` / ``transform_rng``, so each rank resumes its own
+streams). Under torchrun every handler writes on rank 0 only; every rank reads ``last.pt`` on resume.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ _RESERVED = {
     "scaler",
     "rng",
     "transform_rng",
+    "rng_ranks",
     "best",
 }
 
@@ -135,6 +138,19 @@ def restore_transform_rng(transform: Any, saved: Mapping[str, Any]) -> None:
 # -------------------------------------------------------------------------------------------- checkpoints
 
 
+def _rank(rank: int | None) -> int:
+    """``rank``, or this process's rank in the initialised process group (0 without one) when ``None``."""
+    if rank is not None:
+        return rank
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _state_dict(obj: Any) -> Any:
     module = obj.module if hasattr(obj, "module") and isinstance(obj, torch.nn.Module) else obj  # unwrap DDP
     return module.state_dict()
@@ -172,7 +188,7 @@ class CheckpointHandler:
         resume: restore ``output_dir/last.pt`` at start when it exists (a fresh start otherwise, logged).
         save_interval: write ``last.pt`` every N epochs, and at the end of the run (also one stopped by
             ``max_iterations`` mid-epoch).
-        rank: only rank 0 writes.
+        rank: only rank 0 writes; ``None``: this process's rank in the process group (0 without one).
     """
 
     def __init__(
@@ -193,7 +209,7 @@ class CheckpointHandler:
         train_transform: Any = None,
         resume: bool = False,
         save_interval: int = 1,
-        rank: int = 0,
+        rank: int | None = None,
         best_name: str = "model.pt",
         last_name: str = "last.pt",
     ) -> None:
@@ -219,7 +235,7 @@ class CheckpointHandler:
         self.train_transform = train_transform
         self.resume = as_bool(resume, "resume")
         self.save_interval = int(save_interval)
-        self.rank = int(rank)
+        self.rank = None if rank is None else int(rank)
         self.best_path = self.output_dir / best_name
         self.last_path = self.output_dir / last_name
         self.best: dict[str, Any] = {"metric": key_metric, "value": None, "epoch": None}
@@ -307,14 +323,30 @@ class CheckpointHandler:
         }
 
     def save_best(self, engine) -> Path | None:
-        if self.rank != 0:
+        if _rank(self.rank) != 0:
             return None
         return save_checkpoint(self.best_path, **self._common(engine))
 
+    def _rng_states(self) -> dict[str, Any]:
+        state = {"rng": capture_rng_state()}
+        if self.train_transform is not None:
+            state["transform_rng"] = capture_transform_rng(self.train_transform)
+        return state
+
     def save_last(self, engine) -> Path | None:
-        if self.rank != 0:
+        """Write ``last.pt`` (rank 0). In a process group every rank must call it: the ranks' RNG states are
+        gathered into ``rng_ranks`` so that each rank resumes its own augmentation stream."""
+        self._last_saved_iteration = engine.state.iteration
+        own = self._rng_states()
+        per_rank = None
+        if _world_size() > 1:
+            per_rank = [None] * _world_size()
+            torch.distributed.all_gather_object(per_rank, own)
+        if _rank(self.rank) != 0:
             return None
-        extra: dict[str, Any] = {"rng": capture_rng_state()}
+        extra: dict[str, Any] = dict(own)
+        if per_rank is not None:
+            extra["rng_ranks"] = per_rank
         if self.optimizer is not None:
             extra["optimizer"] = self.optimizer.state_dict()
         if self.scheduler is not None:
@@ -322,11 +354,8 @@ class CheckpointHandler:
         scaler = getattr(engine, "scaler", None)
         if scaler is not None:
             extra["scaler"] = scaler.state_dict()
-        if self.train_transform is not None:
-            extra["transform_rng"] = capture_transform_rng(self.train_transform)
         for name, obj in self.extra_modules.items():
             extra[name] = _state_dict(obj)
-        self._last_saved_iteration = engine.state.iteration
         return save_checkpoint(self.last_path, **self._common(engine), **extra)
 
     # ------------------------------------------------------------------------------------------- restore
@@ -367,7 +396,7 @@ class CheckpointHandler:
         scaler = getattr(engine, "scaler", None)
         if scaler is not None and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
-        self._pending_rng = {k: ckpt[k] for k in ("rng", "transform_rng") if k in ckpt}
+        self._pending_rng = self._saved_rng(ckpt, path)
         self._restore_rng(self._pending_rng)
         self.best = dict(ckpt.get("best") or self.best)
         epoch, iteration = int(ckpt["progress"]["epoch"]), int(ckpt["progress"]["iteration"])
@@ -378,6 +407,19 @@ class CheckpointHandler:
             logger.info(f"{path} is at epoch {epoch} >= max_epochs {engine.state.max_epochs}: nothing left to train")
         logger.info(f"resumed from {path} at epoch {epoch}, iteration {iteration}")
         return True
+
+    def _saved_rng(self, ckpt: Mapping[str, Any], path: Path) -> dict[str, Any]:
+        """This rank's RNG states from the checkpoint (rank 0's when it was written by another world size)."""
+        per_rank = ckpt.get("rng_ranks")
+        world, rank = _world_size(), _rank(None)
+        if per_rank is not None and len(per_rank) == world:
+            return dict(per_rank[rank])
+        if world > 1:
+            saved = "one process" if per_rank is None else f"{len(per_rank)} ranks"
+            logger.warning(
+                f"{path} was written by {saved}, this run has {world}: every rank resumes rank 0's random streams"
+            )
+        return {k: ckpt[k] for k in ("rng", "transform_rng") if k in ckpt}
 
     def _restore_rng(self, saved: Mapping[str, Any]) -> None:
         restore_rng_state(saved["rng"])
@@ -424,11 +466,11 @@ class MetricHistory:
         metric_names: metrics of ``engine.state.metrics`` to write.
         append: keep the rows of an earlier run (set it to the bundle's ``resume``); otherwise the first write
             of this process starts the file afresh.
-        rank: only rank 0 writes.
+        rank: only rank 0 writes; ``None``: this process's rank in the process group (0 without one).
     """
 
     def __init__(
-        self, path: str | os.PathLike, metric_names: Sequence[str], append: bool = False, rank: int = 0
+        self, path: str | os.PathLike, metric_names: Sequence[str], append: bool = False, rank: int | None = None
     ) -> None:
         self.path = Path(path)
         self.metric_names = list(metric_names)
@@ -441,7 +483,7 @@ class MetricHistory:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine) -> None:
-        if self.rank != 0:
+        if _rank(self.rank) != 0:
             return
         values = [engine.state.epoch, *(engine.state.metrics.get(k, "") for k in self.metric_names)]
         self._log.append(["epoch", *self.metric_names], values)
@@ -528,7 +570,7 @@ class ImageGridSaver:
         names: Sequence[str] | None = None,
         num_slices: int = 4,
         source: str = "batch",
-        rank: int = 0,
+        rank: int | None = None,
     ) -> None:
         if source not in ("batch", "output"):
             raise ValueError(f"source must be 'batch' or 'output', got {source!r}")
@@ -548,7 +590,7 @@ class ImageGridSaver:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine) -> None:
-        if self._done or self.rank != 0:
+        if self._done or _rank(self.rank) != 0:
             return
         data = engine.state.batch if self.source == "batch" else engine.state.output
         if isinstance(data, (list, tuple)):  # decollated
@@ -578,7 +620,7 @@ class TensorBoardImageGrid:
         interval: int = 1,
         num_slices: int = 4,
         summary_writer: Any = None,
-        rank: int = 0,
+        rank: int | None = None,
     ) -> None:
         if log_dir is None and summary_writer is None:
             raise ValueError("give log_dir or summary_writer")
@@ -597,7 +639,7 @@ class TensorBoardImageGrid:
         engine.add_event_handler(Events.COMPLETED, self.close)
 
     def __call__(self, engine) -> None:
-        if self.rank != 0:
+        if _rank(self.rank) != 0:
             return
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
@@ -627,16 +669,18 @@ class ProgressBar:
     Args:
         output_transform: e.g. :func:`medssl.engines.utils.pick_scalars` of the loss keys.
         persist: keep each epoch's bar on screen.
-        rank: only rank 0 shows a bar.
+        rank: only rank 0 shows a bar; ``None``: this process's rank in the process group (0 without one).
     """
 
-    def __init__(self, output_transform: Callable | None = None, persist: bool = False, rank: int = 0) -> None:
+    def __init__(
+        self, output_transform: Callable | None = None, persist: bool = False, rank: int | None = None
+    ) -> None:
         self.output_transform = output_transform
         self.persist = persist
         self.rank = rank
 
     def attach(self, engine) -> None:
-        if self.rank != 0:
+        if _rank(self.rank) != 0:
             return
         from ignite.handlers import ProgressBar as _IgniteBar
 
