@@ -125,7 +125,18 @@ def test_dockerignore_keeps_local_state_out_of_the_build_context():
 def test_installed_wheel_finds_bundles_through_medssl_home(tmp_path):
     """A non-editable install cannot see the source tree: MEDSSL_HOME (set by the images) is what finds it."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )
@@ -144,7 +155,11 @@ def test_installed_wheel_finds_bundles_through_medssl_home(tmp_path):
     assert missing.returncode != 0 and "MEDSSL_HOME" in missing.stderr
 
     found = subprocess.run(
-        [sys.executable, "-c", code], cwd=elsewhere, env={**env, "MEDSSL_HOME": str(ROOT)}, capture_output=True, text=True
+        [sys.executable, "-c", code],
+        cwd=elsewhere,
+        env={**env, "MEDSSL_HOME": str(ROOT)},
+        capture_output=True,
+        text=True,
     )
     assert found.returncode == 0, found.stderr
     assert found.stdout.split() == [str(ROOT / "bundles"), str(ROOT / "json_splits")]
