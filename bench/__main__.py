@@ -1,20 +1,105 @@
-"""``python -m bench inference [options]``: run one benchmark (``--help`` after the name for its options)."""
+"""``python -m bench NAME [options]`` runs one benchmark (``--help`` after the name); ``all`` runs every one.
+
+``all`` passes ``--tiny``, ``--reps N``, ``--threads N`` and ``--out-dir D`` on to each benchmark; ``inference``
+(which has its own options) maps them: ``--tiny`` → a 64×64×32 volume and the tiny UNETR, ``--reps`` →
+``--repeats``, ``--out-dir D`` → ``--out D/inference.json`` (default ``runs/bench/inference.json``). Without
+arguments it runs ``all``, as ``make bench`` does.
+"""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-BENCHMARKS = {"inference": "bench.inference"}
+BENCHMARKS = {
+    "matmul": "bench.matmul",
+    "ssl_step": "bench.ssl_step",
+    "finetune_step": "bench.finetune_step",
+    "inference": "bench.inference",
+    "loader": "bench.loader",
+    "loss_curve": "bench.loss_curve",
+}
+
+
+def _inference_args(argv: list[str]) -> list[str]:
+    """Map the shared options onto ``bench.inference``'s own ones."""
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a == "--tiny":
+            out += ["--shape", "64", "64", "32", "--model", "tiny", "--roi", "32"]
+        elif a == "--reps":
+            out += ["--repeats", next(it)]
+        elif a == "--threads":
+            out += ["--threads", next(it)]
+        elif a == "--out-dir":
+            out += ["--out", f"{next(it)}/inference.json"]
+        elif a == "--warmup":
+            next(it)  # every inference repetition is a fresh process: no warm-up to skip
+        else:
+            out.append(a)  # inference's own options pass through
+    if "--out" not in out:
+        out += ["--out", "runs/bench/inference.json"]
+    return out
+
+
+def _inference_report(json_path: Path, before: list[float]) -> None:
+    """Write ``inference.md`` next to ``bench.inference``'s JSON (which it writes itself)."""
+    import json
+
+    from bench.timing import Stats, load_average, machine_facts, markdown_table, write_report
+
+    data = json.loads(json_path.read_text())
+    t = {k: Stats([r["seconds"] for r in v]) for k, v in data["runs"].items()}
+    m = {k: Stats([r["peak_rss"] / 2**30 for r in v]) for k, v in data["runs"].items()}
+    rows = [[k, t[k].fmt(1), m[k].fmt(2), f"{t['baseline'].median / t[k].median:.2f}×",
+             f"{m[k].median / m['baseline'].median:.2f}", len(t[k].values)] for k in t]  # fmt: skip
+    table = markdown_table(["pipeline", "wall s", "peak RSS GiB", "speed-up", "memory ratio", "reps"], rows)
+    cfg = data["config"]
+    cmd = (f"python -m bench inference --shape {' '.join(map(str, cfg['shape']))} --model {cfg['model']} "
+           f"--roi {cfg['roi']} --repeats {cfg['repeats']} --threads {cfg['threads']}")  # fmt: skip
+    body = (f"{table}\n\nAgreement: mean foreground Dice {data['dice']:.4f}, equal voxels {data['voxels_equal']:.4f}."
+            f"\n\nCommand: `{cmd}`\n")  # fmt: skip
+    data = {**data, "machine": machine_facts(), "load_average": {"before": before, "after": load_average()}}
+    write_report("inference", "Inference (one volume, baseline vs medssl)", body, data, json_path.parent)
+
+
+def _run_inference(argv: list[str]) -> int:
+    import importlib
+
+    from bench.timing import load_average
+
+    rest = _inference_args(argv)
+    out = Path(rest[rest.index("--out") + 1])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    before = load_average()
+    rc = int(importlib.import_module(BENCHMARKS["inference"]).main(rest) or 0)
+    if rc == 0 and "--only" not in rest and out.is_file():
+        _inference_report(out, before)
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in BENCHMARKS:
-        print(f"usage: python -m bench {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
-        return 2
     import importlib
 
-    return int(importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:]) or 0)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        argv = ["all"]
+    if argv[0] in ("-h", "--help") or argv[0] not in (*BENCHMARKS, "all"):
+        print(f"usage: python -m bench {{{','.join(BENCHMARKS)},all}} [options]", file=sys.stderr)
+        return 0 if argv[0] in ("-h", "--help") else 2
+    if argv[0] == "inference":
+        return _run_inference(argv[1:])
+    if argv[0] != "all":
+        return int(importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:]) or 0)
+    rc = 0
+    for name, module in BENCHMARKS.items():
+        print(f"==== {name}", flush=True)
+        if name == "inference":
+            rc = max(rc, _run_inference(argv[1:]))
+        else:
+            rc = max(rc, int(importlib.import_module(module).main(argv[1:]) or 0))
+    return rc
 
 
 if __name__ == "__main__":

@@ -1,0 +1,195 @@
+"""Shared helpers of the benchmarks: interleaved timing, statistics, machine facts and the report files.
+
+Every benchmark times its cases in one process, interleaved (A B A B ... after the warm-up), so that a load
+change on a shared machine hits all cases alike; it reports the median, min and max of the repetitions, the ratio
+of the medians, the load average before and after, and the machine (CPU model, cores, AMX, torch / MONAI
+versions, torch threads). :func:`write_report` writes ``runs/bench/<name>.md`` and ``runs/bench/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Stats",
+    "bench_parser",
+    "interleaved",
+    "load_average",
+    "machine_facts",
+    "markdown_table",
+    "set_threads",
+    "write_report",
+]
+
+DEFAULT_OUT = Path("runs") / "bench"
+
+
+class Stats:
+    """Median, min and max of repeated measurements (``values``, in the unit they were taken in)."""
+
+    def __init__(self, values: Sequence[float]) -> None:
+        if not values:
+            raise ValueError("no measurements")
+        self.values = [float(v) for v in values]
+        self.median = statistics.median(self.values)
+        self.min = min(self.values)
+        self.max = max(self.values)
+
+    def inverted(self, scale: float = 1.0) -> Stats:
+        """``scale / value`` of every measurement (seconds per step → samples per second)."""
+        return Stats([scale / v for v in self.values])
+
+    def fmt(self, digits: int = 2) -> str:
+        """``"median (min–max)"``."""
+        return f"{self.median:.{digits}f} ({self.min:.{digits}f}–{self.max:.{digits}f})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"median": self.median, "min": self.min, "max": self.max, "values": self.values}
+
+
+def load_average() -> list[float]:
+    """The 1 / 5 / 15 minute load averages (``[]`` where the OS does not report them)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                return sorted(f for f in flags if f.startswith("amx") or f in ("avx512f", "avx512_bf16"))
+    except OSError:
+        pass
+    return []
+
+
+def machine_facts() -> dict[str, Any]:
+    """CPU model, logical cores (and the ones this process may use), AMX / AVX-512 flags, versions, threads."""
+    import monai
+    import torch
+
+    cores = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    return {
+        "cpu": _cpu_model(),
+        "cores": cores,
+        "usable_cores": usable,
+        "cpu_flags": _cpu_flags(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def set_threads(threads: int) -> None:
+    """Fix torch's intra-op threads (and OpenMP's for child processes) so runs compare."""
+    import torch
+
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def interleaved(
+    cases: Mapping[str, Callable[[], Any]],
+    reps: int,
+    warmup: int = 1,
+    on_done: Callable[[str, int, float], None] = None,
+) -> dict[str, Stats]:
+    """Seconds per call of every case, run A B A B ...: ``warmup`` untimed rounds, then ``reps`` timed rounds.
+
+    Args:
+        cases: name → zero-argument callable (one measured unit, e.g. one training step).
+        reps: timed rounds (>= 1).
+        warmup: untimed rounds first (allocator, oneDNN kernel selection, lazy init).
+        on_done: called as ``on_done(name, rep, seconds)`` after every timed call (progress output).
+
+    Returns:
+        name → :class:`Stats` of the seconds per call.
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    for _ in range(max(0, warmup)):
+        for fn in cases.values():
+            fn()
+    seconds: dict[str, list[float]] = {name: [] for name in cases}
+    for rep in range(reps):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            seconds[name].append(elapsed)
+            if on_done is not None:
+                on_done(name, rep, elapsed)
+    return {name: Stats(v) for name, v in seconds.items()}
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def bench_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The options every benchmark shares: ``--tiny --reps --warmup --threads --seed --out-dir``."""
+    p = argparse.ArgumentParser(prog=f"python -m bench {name}", description=description)
+    p.add_argument("--tiny", action="store_true", help="tiny model and volumes (a smoke run of seconds)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per case (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per case first (default: 1)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=str(DEFAULT_OUT), help=f"report directory (default: {DEFAULT_OUT})")
+    return p
+
+
+def write_report(
+    name: str, title: str, body: str, data: Mapping[str, Any], out_dir: str | os.PathLike = DEFAULT_OUT
+) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<name>.md`` (title, machine line, ``body``) and ``<name>.json``; print the markdown.
+
+    ``data`` must hold ``machine`` (:func:`machine_facts`) and ``load_average`` (``{"before": …, "after": …}``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    m = data["machine"]
+    load = data.get("load_average", {})
+    header = (
+        f"## {title}\n\n{m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable; "
+        f"{' '.join(m['cpu_flags']) or 'no AMX / AVX-512 flags'}), torch {m['torch']}, MONAI {m['monai']}, "
+        f"{m['torch_threads']} torch threads; load average before {load.get('before')}, after {load.get('after')}.\n"
+    )
+    text = header + "\n" + body.rstrip() + "\n"
+    md, js = out / f"{name}.md", out / f"{name}.json"
+    tmp_md, tmp_js = md.with_suffix(".md.tmp"), js.with_suffix(".json.tmp")
+    tmp_md.write_text(text)
+    tmp_js.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp_md, md)
+    os.replace(tmp_js, js)
+    print(text)
+    print(f"wrote {md} and {js}")
+    return md, js

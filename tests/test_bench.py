@@ -1,0 +1,78 @@
+"""Every benchmark runs at ``--tiny --reps 1`` and writes its table, so bench/ cannot rot (no timing asserted)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # bench/ is a top-level package next to medssl/, not installed
+    sys.path.insert(0, str(ROOT))
+
+FAST = ["--tiny", "--reps", "1", "--warmup", "0", "--threads", "1"]
+RUNS = {
+    "matmul": [],
+    "ssl_step": ["--batch", "1"],
+    "finetune_step": ["--batch", "1"],
+    "loader": ["--workers", "0", "--volumes", "2", "--batch-size", "2", "--model-batch", "1"],
+    "loss_curve": ["--steps", "2", "--batch", "1"],
+}
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _check_report(out: Path, name: str) -> dict:
+    md = (out / f"{name}.md").read_text()
+    data = json.loads((out / f"{name}.json").read_text())
+    assert md.startswith("## ") and "|---|" in md and "Command: `python -m bench " in md
+    assert data["machine"]["cpu"] and data["machine"]["torch"]
+    assert set(data["load_average"]) == {"before", "after"}
+    return data
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_benchmark_writes_its_table(name, tmp_path):
+    module = importlib.import_module(f"bench.{name}")
+    assert module.main([*FAST, *RUNS[name], "--out-dir", str(tmp_path)]) == 0
+    data = _check_report(tmp_path, name)
+    assert data["machine"]["torch_threads"] == 1
+    if name in ("ssl_step", "finetune_step"):
+        assert set(data["seconds"]) == {"baseline", "medssl", "medssl+levers"}
+        assert all(s["median"] > 0 for s in data["seconds"].values())
+        assert data["flops_per_step"] > 0
+        # the first step of every case sees the same weights and batch: the losses agree to bf16 rounding
+        firsts = [v[0] for v in data["losses"].values()]
+        assert max(firsts) - min(firsts) < 0.1 * abs(firsts[0]) + 1e-3
+    if name == "loss_curve":
+        assert set(data["losses"]) == {"ssl", "finetune"}
+        assert all(len(v) == 2 for curves in data["losses"].values() for v in curves.values())
+    if name == "matmul":
+        assert all(r["bf16"]["median"] > 0 and r["fp32"]["median"] > 0 for r in data["results"].values())
+    if name == "loader":
+        assert data["model_crops_per_s"] > 0 and data["crops_per_epoch"] == {"num_workers=0": 4}
+
+
+def test_inference_benchmark_tiny(tmp_path):
+    from bench.__main__ import main
+
+    assert main(["inference", "--tiny", "--reps", "1", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+    data = _check_report(tmp_path, "inference")
+    assert data["speedup"] > 0 and 0 <= data["voxels_equal"] <= 1
+
+
+def test_bench_main_rejects_unknown_names(capsys):
+    from bench.__main__ import main
+
+    assert main(["nope"]) == 2
+    assert "usage: python -m bench" in capsys.readouterr().err
