@@ -24,14 +24,21 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 try:
     import fcntl
 except ImportError:  # Windows: no flock, so no automatic clean-up
     fcntl = None
 
-__all__ = ["atomic_write", "atomic_write_text", "remove_stale_temp_files", "TEMP_SUFFIX", "INIT_GRACE_S"]
+__all__ = [
+    "atomic_save_figure",
+    "atomic_write",
+    "atomic_write_text",
+    "remove_stale_temp_files",
+    "TEMP_SUFFIX",
+    "INIT_GRACE_S",
+]
 
 TEMP_SUFFIX = ".atomic.tmp"
 _INIT_SUFFIX = ".atomic.init"
@@ -157,6 +164,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     except OSError:
         pass  # some file systems cannot fsync a directory; the file's data itself is synced
     return path
+
+
+def atomic_save_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> Path:
+    """Save a matplotlib figure as PNG through :func:`atomic_write` (the figure stays open: the caller closes it)."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", **savefig_kwargs))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from medssl import resources
-from medssl.atomic import atomic_write_text
+from medssl.atomic import atomic_save_figure, atomic_write_text
 from medssl.errors import ConfigError, MedsslError
 
 __all__ = [
@@ -397,10 +397,10 @@ def plot_results(
     ax.legend()
     ax.set_title("label efficiency")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path
 
 

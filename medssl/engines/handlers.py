@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medssl.atomic import atomic_save_figure
 from medssl.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from medssl.engines.utils import as_bool
 from medssl.errors import CheckpointError
@@ -541,10 +542,10 @@ def save_image_grid(path: str | os.PathLike, rows: Mapping[str, Any], num_slices
     ax.set_yticks([h * (i + 0.5) for i in range(n)], list(rows))
     ax.set_xticks([])
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medssl.atomic import atomic_save_figure
 from medssl.engines.handlers import CsvLog
 
 __all__ = ["PerClassDiceLogger", "BestOverlaySaver", "save_overlay_png", "overlay_slices"]
@@ -224,10 +225,10 @@ def save_overlay_png(
     fig.tight_layout(rect=(0, 0, 0.85 if present else 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path
 
 
