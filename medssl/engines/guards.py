@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from medssl.engines.distributed import get_rank, get_world_size
 from medssl.errors import MedsslError
 
 __all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "loss_parts"]
@@ -147,10 +148,10 @@ class NonFiniteLossGuard:
         parts = loss_parts(engine.state.output, self.keys)
         iteration, epoch = int(engine.state.iteration), int(engine.state.epoch)
         kept = "" if self.output_dir is None else "; the checkpoints in this folder were not overwritten"
-        rank = _rank()
+        rank = get_rank()
         if rank in bad_ranks:
             listed = ", ".join(f"{k}={v:.6g}" for k, v in parts.items())
-            where = "" if bad_ranks == [0] and _world_size() == 1 else f" on rank {rank}"
+            where = "" if bad_ranks == [0] and get_world_size() == 1 else f" on rank {rank}"
             problem = f"non-finite loss at iteration {iteration} (epoch {epoch}){where}: {listed}; {when}{kept}"
         else:
             problem = (
@@ -158,16 +159,6 @@ class NonFiniteLossGuard:
                 f"stops at the same iteration; {when}{kept}"
             )
         raise NonFiniteLossError(self.output_dir, problem, iteration, epoch, parts)
-
-
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _loss_tensors(output: Any, keys: Sequence[str] | None) -> list[Any]:
@@ -193,7 +184,7 @@ def _non_finite_ranks(values: Sequence[Any]) -> list[int]:
     device, and in a process group one ``all_reduce`` of a per-rank flag vector tells every rank who failed, so all
     ranks stop at the same iteration instead of the healthy ones waiting in DDP's gradient all-reduce.
     """
-    world = _world_size()
+    world = get_world_size()
     tensors = [v.detach().reshape(()) for v in values if torch.is_tensor(v)]
     numbers_ok = all(math.isfinite(float(v)) for v in values if not torch.is_tensor(v))
     if world == 1:
@@ -207,9 +198,9 @@ def _non_finite_ranks(values: Sequence[Any]) -> list[int]:
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     flags = torch.zeros(world, dtype=torch.int32, device=device)
     if not numbers_ok:
-        flags[_rank()] = 1
+        flags[get_rank()] = 1
     if tensors:
         finite = torch.stack([t.float().to(device, non_blocking=True) for t in tensors]).isfinite().all()
-        flags[_rank()] += (~finite).to(torch.int32)
+        flags[get_rank()] += (~finite).to(torch.int32)
     dist.all_reduce(flags)
     return [r for r, f in enumerate(flags.tolist()) if f]

@@ -30,6 +30,7 @@ import torch
 
 from medssl.atomic import atomic_save_figure
 from medssl.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from medssl.engines.distributed import get_rank, get_world_size
 from medssl.engines.utils import as_bool
 from medssl.errors import CheckpointError
 
@@ -141,15 +142,7 @@ def restore_transform_rng(transform: Any, saved: Mapping[str, Any]) -> None:
 
 def _rank(rank: int | None) -> int:
     """``rank``, or this process's rank in the initialised process group (0 without one) when ``None``."""
-    if rank is not None:
-        return rank
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return get_rank() if rank is None else rank
 
 
 def _state_dict(obj: Any) -> Any:
@@ -340,8 +333,8 @@ class CheckpointHandler:
         self._last_saved_iteration = engine.state.iteration
         own = self._rng_states()
         per_rank = None
-        if _world_size() > 1:
-            per_rank = [None] * _world_size()
+        if get_world_size() > 1:
+            per_rank = [None] * get_world_size()
             torch.distributed.all_gather_object(per_rank, own)
         if _rank(self.rank) != 0:
             return None
@@ -412,7 +405,7 @@ class CheckpointHandler:
     def _saved_rng(self, ckpt: Mapping[str, Any], path: Path) -> dict[str, Any]:
         """This rank's RNG states from the checkpoint (rank 0's when it was written by another world size)."""
         per_rank = ckpt.get("rng_ranks")
-        world, rank = _world_size(), _rank(None)
+        world, rank = get_world_size(), _rank(None)
         if per_rank is not None and len(per_rank) == world:
             return dict(per_rank[rank])
         if world > 1:
