@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # bench/ is a top-level package next to medssl/, not installed
-    sys.path.insert(0, str(ROOT))
 
 FAST = ["--tiny", "--reps", "1", "--warmup", "0", "--threads", "1"]
 RUNS = {

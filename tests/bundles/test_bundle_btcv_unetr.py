@@ -12,6 +12,8 @@ import torch
 from medssl.checkpoint import build_network, load_checkpoint
 from medssl.data.phantoms import BTCV_LABELS
 from medssl.engines.handlers import MetricHistory
+from tests.bundles.bundle_helpers import overrides as bundle_overrides
+from tests.bundles.bundle_helpers import tensorboard_scalars
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = [str(REPO / "bundles" / "btcv_unetr.yaml"), str(REPO / "bundles" / "tiny.yaml")]
@@ -20,22 +22,6 @@ ORGANS = [name for k, name in sorted(BTCV_LABELS.items()) if k > 0]
 
 def _tag(name: str) -> str:
     return "val_dice/" + name.replace(" ", "_")
-
-
-def _overrides(data: Path, out: Path, **extra) -> dict:
-    return {"bundle_root": str(out.parent), "dataset_dir": str(data), "output_dir": str(out), **extra}
-
-
-def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    found: dict[str, list[tuple[int, float]]] = {}
-    for f in sorted(folder.glob("events.out.tfevents.*")):
-        ea = EventAccumulator(str(f))
-        ea.Reload()
-        for tag in ea.Tags()["scalars"]:
-            found.setdefault(tag, []).extend((e.step, e.value) for e in ea.Scalars(tag))
-    return {k: sorted(v) for k, v in found.items()}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +36,7 @@ def tiny_run(tiny_ct, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("btcv_run") / "out"
     # 3 cases, batch 2 -> 2 iterations per epoch: 5 iterations stop in the middle of the third epoch
-    run("training", config_file=CONFIGS, **_overrides(tiny_ct, out, max_iterations=5, val_interval=2))
+    run("training", config_file=CONFIGS, **bundle_overrides(tiny_ct, out, max_iterations=5, val_interval=2))
     return out
 
 
@@ -77,7 +63,7 @@ def test_model_is_self_describing_and_rebuilds(tiny_run):
 def test_validation_dice_per_class_is_logged(tiny_run):
     history = MetricHistory.read(tiny_run / "val_metrics.csv")
     assert [int(h["iteration"]) for h in history] == [2, 4]  # every val_interval iterations
-    tb = _scalars(tiny_run)
+    tb = tensorboard_scalars(tiny_run)
     for organ in ORGANS:
         assert [s for s, _ in tb[_tag(organ)]] == [2, 4], organ
         for (_, logged), row in zip(tb[_tag(organ)], history):
@@ -93,7 +79,7 @@ def test_validation_dice_per_class_is_logged(tiny_run):
 
 
 def test_training_loss_decreases_and_lr_is_the_recipe(tiny_run):
-    tb = _scalars(tiny_run)
+    tb = tensorboard_scalars(tiny_run)
     losses = [v for _, v in tb["loss"]]
     assert [s for s, _ in tb["loss"]] == [1, 2, 3, 4, 5]
     assert losses[-1] < losses[0]

@@ -10,25 +10,11 @@ import torch
 
 from medssl.checkpoint import build_network, load_checkpoint
 from medssl.engines.handlers import MetricHistory
+from tests.bundles.bundle_helpers import overrides as bundle_overrides
+from tests.bundles.bundle_helpers import tensorboard_scalars
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = [str(REPO / "bundles" / "la_vnet.yaml"), str(REPO / "bundles" / "tiny.yaml")]
-
-
-def _overrides(data: Path, out: Path, **extra) -> dict:
-    return {"bundle_root": str(out.parent), "dataset_dir": str(data), "output_dir": str(out), **extra}
-
-
-def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    found: dict[str, list[tuple[int, float]]] = {}
-    for f in sorted(folder.glob("events.out.tfevents.*")):
-        ea = EventAccumulator(str(f))
-        ea.Reload()
-        for tag in ea.Tags()["scalars"]:
-            found.setdefault(tag, []).extend((e.step, e.value) for e in ea.Scalars(tag))
-    return {k: sorted(v) for k, v in found.items()}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +29,8 @@ def tiny_run(tiny_la, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("la_run") / "out"
     # the lr steps x0.1 every 2 iterations here (2500 in the recipe); 5 iterations end inside the third epoch
-    run("training", config_file=CONFIGS, **_overrides(tiny_la, out, max_iterations=5, val_interval=2,
-                                                      lr_step_iterations=2))  # fmt: skip
+    run("training", config_file=CONFIGS,
+        **bundle_overrides(tiny_la, out, max_iterations=5, val_interval=2, lr_step_iterations=2))  # fmt: skip
     return out
 
 
@@ -70,7 +56,7 @@ def test_model_is_self_describing_and_rebuilds(tiny_run):
 
 
 def test_lr_steps_and_loss_decreases(tiny_run):
-    tb = _scalars(tiny_run)
+    tb = tensorboard_scalars(tiny_run)
     assert [round(v, 8) for _, v in tb["lr"]] == [0.01, 0.01, 0.001, 0.001, 0.0001]
     losses = [v for _, v in tb["loss"]]
     assert len(losses) == 5 and losses[-1] < losses[0]
@@ -79,7 +65,7 @@ def test_lr_steps_and_loss_decreases(tiny_run):
 def test_validation_dice_is_logged_and_selects_model(tiny_run):
     history = MetricHistory.read(tiny_run / "val_metrics.csv")
     assert [int(h["iteration"]) for h in history] == [2, 4]
-    tb = _scalars(tiny_run)
+    tb = tensorboard_scalars(tiny_run)
     assert [s for s, _ in tb["val_dice/left_atrium"]] == [2, 4]
     for row, (_, logged) in zip(history, tb["val_dice/left_atrium"]):
         assert row["val_mean_dice"] == pytest.approx(row["val_dice/left_atrium"])  # one foreground class
@@ -95,7 +81,7 @@ def test_augmentation_rotates_and_flips_in_plane_only(tiny_la, tmp_path):
 
     p = ConfigParser()
     p.read_config(CONFIGS)
-    p.update(_overrides(tiny_la, tmp_path / "out"))
+    p.update(bundle_overrides(tiny_la, tmp_path / "out"))
     aug = Compose(p.get_parsed_content("augmentations"))
     ramp = torch.arange(4 * 4 * 3, dtype=torch.float32).reshape(1, 4, 4, 3)
     seen = set()
@@ -156,7 +142,9 @@ def test_resume_continues_to_the_iteration_budget(tiny_la, tmp_path):
     common = {"val_interval": 2, "lr_step_iterations": 2}
 
     def workflow(**extra):
-        wf = ConfigWorkflow(config_file=CONFIGS, workflow_type="train", **_overrides(tiny_la, out, **common, **extra))
+        wf = ConfigWorkflow(
+            config_file=CONFIGS, workflow_type="train", **bundle_overrides(tiny_la, out, **common, **extra)
+        )
         wf.initialize()
         return wf
 

@@ -13,6 +13,8 @@ from ignite.engine import Engine, Events
 from medssl.checkpoint import build_network, load_checkpoint, save_checkpoint
 from medssl.engines.mt_handlers import BatchNormRecalibration, BestOfCheckpoint, StopAtIteration, ValidationLog
 from medssl.losses.consistency import ConsistencyWeight
+from tests.bundles.bundle_helpers import overrides as bundle_overrides
+from tests.bundles.bundle_helpers import tensorboard_scalars
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = str(REPO / "bundles" / "mean_teacher.yaml")
@@ -24,7 +26,7 @@ SMALL = {"base_filters": 8, "consistency_rampup": 4.0, "consistency_rampup_unit"
 
 
 def _overrides(data: Path, out: Path, **extra) -> dict:
-    return {"bundle_root": str(out.parent), "dataset_dir": str(data), "output_dir": str(out), **SMALL, **extra}
+    return bundle_overrides(data, out, **SMALL, **extra)
 
 
 def _workflow(configs, data: Path, out: Path, **extra):
@@ -33,18 +35,6 @@ def _workflow(configs, data: Path, out: Path, **extra):
     wf = ConfigWorkflow(config_file=configs, workflow_type="train", **_overrides(data, out, **extra))
     wf.initialize()
     return wf
-
-
-def _scalars(folder: Path) -> dict[str, list]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    found: dict[str, list] = {}
-    for f in folder.glob("events.out.tfevents.*"):
-        ea = EventAccumulator(str(f))
-        ea.Reload()
-        for tag in ea.Tags()["scalars"]:
-            found.setdefault(tag, []).extend((e.step, e.value) for e in ea.Scalars(tag))
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +88,7 @@ def test_tiny_run_writes_student_and_teacher_checkpoints(tiny_run):
 
 
 def test_tiny_run_tensorboard(tiny_run):
-    scalars = _scalars(tiny_run)
+    scalars = tensorboard_scalars(tiny_run)
     assert {"loss", "supervised", "consistency", "consistency_weight"} <= set(scalars)
     for name in ("student", "teacher"):
         assert [s for s, _ in scalars[f"val_mean_dice/{name}"]] == [1, 2, 3, 4]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from medssl.checkpoint import build_network, load_checkpoint
+from tests.bundles.bundle_helpers import tensorboard_scalars
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = [str(REPO / "bundles" / "s5cl.yaml"), str(REPO / "bundles" / "tiny.yaml")]
@@ -28,18 +29,6 @@ def _run(data: Path, out: Path, **extra) -> Path:
     }
     run("training", config_file=CONFIGS, **overrides)
     return out
-
-
-def _scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    series: dict[str, list[tuple[int, float]]] = {}
-    for f in sorted(out.glob("events.out.tfevents.*")):
-        ea = EventAccumulator(str(f))
-        ea.Reload()
-        for tag in ea.Tags()["scalars"]:
-            series.setdefault(tag, []).extend((e.step, e.value) for e in ea.Scalars(tag))
-    return series
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +72,7 @@ def test_classification_outputs_and_checkpoint(classification_run):
 
 
 def test_classification_tensorboard_logs_terms_switch_and_pseudo_label_accuracy(classification_run):
-    series = _scalars(classification_run)
+    series = tensorboard_scalars(classification_run)
     for tag in ("loss", "loss_labeled", "loss_unlabeled", "loss_ce", "pseudo_labels", "pseudo_label_accuracy"):
         assert len(series.get(tag, [])) == 16, tag
     assert "val_accuracy" in series
@@ -107,7 +96,7 @@ def test_segmentation_checkpoint_loads_fully_into_unetr(segmentation_run):
     assert report.complete and len(report.loaded) == report.total == len(unetr.vit.state_dict())
     trained = {k[len("vit.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("vit.")}
     assert all(torch.equal(unetr.vit.state_dict()[k], v) for k, v in trained.items())
-    series = _scalars(segmentation_run)
+    series = tensorboard_scalars(segmentation_run)
     assert {"loss_labeled", "loss_unlabeled", "loss_ce", "pseudo_labels", "val_accuracy"} <= set(series)
 
 

@@ -10,6 +10,7 @@ import torch
 
 from medssl.checkpoint import build_network, load_checkpoint
 from medssl.engines.handlers import MetricHistory
+from tests.bundles.bundle_helpers import overrides as bundle_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = [str(REPO / "bundles" / "ssl_pretrain.yaml"), str(REPO / "bundles" / "tiny.yaml")]
@@ -21,14 +22,10 @@ def tiny_ct(ct_phantom) -> Path:
     return Path(ct_phantom).parent
 
 
-def _overrides(data: Path, out: Path, **extra) -> dict:
-    return {"bundle_root": str(out.parent), "dataset_dir": str(data), "output_dir": str(out), **extra}
-
-
 def _workflow(data: Path, out: Path, **extra):
     from monai.bundle import ConfigWorkflow
 
-    wf = ConfigWorkflow(config_file=CONFIGS, workflow_type="train", **_overrides(data, out, **extra))
+    wf = ConfigWorkflow(config_file=CONFIGS, workflow_type="train", **bundle_overrides(data, out, **extra))
     wf.initialize()
     return wf
 
@@ -38,7 +35,7 @@ def tiny_run(tiny_ct, tmp_path_factory) -> Path:
     from monai.bundle import run
 
     out = tmp_path_factory.mktemp("ssl_run") / "out"
-    run("training", config_file=CONFIGS, **_overrides(tiny_ct, out))
+    run("training", config_file=CONFIGS, **bundle_overrides(tiny_ct, out))
     return out
 
 
