@@ -46,7 +46,7 @@ from monai.utils import ensure_tuple_rep
 from torch import nn
 
 from medssl.data.patches import DEFAULT_ORGANS, token_majority_labels
-from medssl.engines.utils import autocast, backward_and_step, resolve_device, uses_grad_scaler
+from medssl.engines.utils import autocast, backward_and_step, reject_reserved, resolve_device, uses_grad_scaler
 from medssl.errors import ConfigError, DataError
 from medssl.losses.supcon import SupConLoss
 
@@ -531,9 +531,7 @@ class S5CLTrainer(SupervisedTrainer):
             raise ConfigError("confidence_threshold", f"must be in [0, 1), got {confidence_threshold}")
         if mode == "segmentation" and num_classes is None:
             raise ConfigError("num_classes", "segmentation mode needs num_classes for the token labels")
-        for k in ("amp", "decollate", "loss_function"):
-            if k in kwargs:
-                raise ValueError(f"{k!r} is set by S5CLTrainer, got {k}={kwargs[k]}")
+        reject_reserved("S5CLTrainer", kwargs, ("amp", "decollate", "loss_function"))
         device = resolve_device(device)
         super().__init__(
             device=device,

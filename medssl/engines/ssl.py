@@ -9,7 +9,14 @@ import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 
-from medssl.engines.utils import autocast, backward_and_step, first_output, resolve_device, uses_grad_scaler
+from medssl.engines.utils import (
+    autocast,
+    backward_and_step,
+    first_output,
+    reject_reserved,
+    resolve_device,
+    uses_grad_scaler,
+)
 
 __all__ = ["TwoViewSSLTrainer"]
 
@@ -56,9 +63,7 @@ class TwoViewSSLTrainer(SupervisedTrainer):
         device = resolve_device(device)
         if len(view_keys) != 2:
             raise ValueError(f"view_keys must name two views, got {view_keys}")
-        for k in ("amp", "decollate"):
-            if k in kwargs:
-                raise ValueError(f"{k!r} is set by TwoViewSSLTrainer (use precision=...), got {k}={kwargs[k]}")
+        reject_reserved("TwoViewSSLTrainer", kwargs, ("amp", "decollate"))
         # amp=True makes MONAI create the GradScaler in run(); autocast itself is ours (MONAI's is CUDA-only)
         super().__init__(
             device=device,

@@ -24,7 +24,7 @@ from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 
-from medssl.engines.utils import autocast, cuda_amp_kwargs, resolve_device, uses_grad_scaler
+from medssl.engines.utils import autocast, cuda_amp_kwargs, reject_reserved, resolve_device, uses_grad_scaler
 from medssl.errors import ConfigError, DataError
 
 __all__ = ["AutocastInferer", "SupervisedSegTrainer", "labeled_records", "class_names"]
@@ -102,9 +102,7 @@ class SupervisedSegTrainer(SupervisedTrainer):
         budget = max_iterations if max_iterations is not None else max_epochs
         if int(budget) < 1:
             raise ValueError(f"the training budget must be >= 1, got {budget}")
-        for k in ("amp", "amp_kwargs"):
-            if k in kwargs:
-                raise ValueError(f"{k!r} is set by SupervisedSegTrainer (use precision=...), got {k}={kwargs[k]}")
+        reject_reserved("SupervisedSegTrainer", kwargs, ("amp", "amp_kwargs"))
         device = resolve_device(device)
         self.max_iterations = None if max_iterations is None else int(max_iterations)
         if self.max_iterations is not None:

@@ -29,6 +29,7 @@ from medssl.errors import ConfigError, DataError
 
 __all__ = [
     "backward_and_step",
+    "reject_reserved",
     "PRECISIONS",
     "resolve_device",
     "as_bool",
@@ -327,6 +328,18 @@ class FixedRandomDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         self.transform.set_random_state(seed=(self.seed + int(index)) % (2**32))
         return self.transform(dict(self.data[index]))
+
+
+def reject_reserved(owner: str, kwargs: Mapping[str, Any], keys: Sequence[str]) -> None:
+    """Refuse trainer keyword arguments that ``owner`` sets itself (``amp`` and ``amp_kwargs`` follow ``precision``).
+
+    Raises:
+        ValueError: naming the first reserved key found in ``kwargs`` and its value.
+    """
+    for k in keys:
+        if k in kwargs:
+            hint = " (use precision=...)" if k.startswith("amp") else ""
+            raise ValueError(f"{k!r} is set by {owner}{hint}, got {k}={kwargs[k]}")
 
 
 def backward_and_step(engine: Any, loss: torch.Tensor) -> None:
