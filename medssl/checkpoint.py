@@ -312,7 +312,9 @@ def _n_values(state_dict: Any) -> int:
 
 def out_of_memory_building(where, target: str, n_values: int, error: BaseException, device: str = "cpu"):
     """The :class:`ResourceError` for an allocation failure while a network is built or moved to ``device``."""
-    size = [f"{target}, {n_values / 1e6:.1f} M parameters = {n_values * 4 / 2**30:.2f} GiB in float32 on {device}"]
+    size = [f"{target} on {device}"]
+    if n_values:
+        size[0] += f", {n_values:,} parameters ({n_values * 4 / 2**30:.2f} GiB in float32)"
     attempted = attempted_allocation(error)
     if attempted:
         size.append(f"tried to allocate {attempted}")

@@ -71,6 +71,11 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def attempted_allocation(error: BaseException) -> str | None:
-    """The size of the failed allocation as the allocator states it (``"20.00 GiB"``, ``"4000000 bytes"``)."""
+    """The size of the failed allocation as the allocator states it, in GiB for the CPU allocator's bytes."""
     found = re.search(r"[Tt]ried to allocate (\d[\d.]* ?(?:[KMGT]i?B|bytes))", str(error))
-    return found.group(1) if found else None
+    if not found:
+        return None
+    text = found.group(1)
+    if text.endswith("bytes"):
+        return f"{int(text.split()[0]) / 2**30:.2f} GiB"
+    return text
