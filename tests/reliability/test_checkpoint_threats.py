@@ -343,3 +343,37 @@ def test_every_allowed_class_round_trips(target, tmp_path):
     rebuilt = build_network(load_checkpoint(path), where=path)
     assert type(rebuilt) is type(net)
     assert all(torch.equal(t, net.state_dict()[k]) for k, t in rebuilt.state_dict().items())
+
+
+@pytest.mark.parametrize("crafted", ["run_cmd_target", "dollar_in_argument", "nested_target"], indirect=True)
+def test_pretrained_loading_takes_only_the_tensors(crafted, tmp_path):
+    """``pretrained_ckpt`` (``load_pretrained_vit``) reads a checkpoint's state dict, never builds its network: a
+    crafted config next to real ViT weights loads the weights and runs nothing."""
+    from monai.networks.nets import ViT
+
+    from medssl.networks.pretrained import load_pretrained_vit
+
+    path, _, canary = crafted
+    vit = ViT(in_channels=1, img_size=16, patch_size=8, hidden_size=16, mlp_dim=16, num_layers=1, num_heads=2)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state_dict"] = vit.state_dict()
+    torch.save(ckpt, path)
+    target = ViT(in_channels=1, img_size=16, patch_size=8, hidden_size=16, mlp_dim=16, num_layers=1, num_heads=2)
+    report = load_pretrained_vit(target, path, prefix="")
+    assert report.loaded and not canary.exists()
+    assert all(torch.equal(t, vit.state_dict()[k]) for k, t in target.state_dict().items())
+
+
+def test_datalist_strings_are_never_evaluated(tmp_path, capsys):
+    """A datalist is data: a ``$`` string in it is a (missing) file name, never an expression."""
+    import json
+
+    canary = tmp_path / "canary"
+    payload = f"${_write(canary)}"
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"image": payload, "label": payload}]}))
+    rc = main(["check", str(datalist)])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("medssl: error: "), err
+    assert "__import__" in err  # named as the file that is missing
+    assert not canary.exists()
