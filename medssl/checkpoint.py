@@ -162,16 +162,17 @@ def _why_refused(config: Any) -> str | None:
     for key in ("_requires_", "_disabled_"):
         if key in config:
             return f"{key!r} is not allowed (a checkpoint's network is built from its own arguments only)"
-    if config.get("_mode_", "default") != "default":
-        return f"'_mode_' {_short(config['_mode_'])} is not allowed (only 'default': the class is called)"
-    if not isinstance(config.get("_desc_", ""), str):
+    mode = config.get("_mode_", "default")
+    if type(mode) is not str or mode != "default":
+        return f"'_mode_' {_short(mode)} is not allowed (only 'default': the class is called)"
+    if type(config.get("_desc_", "")) is not str:  # documentation only: ignored
         return f"'_desc_' is a {type(config['_desc_']).__name__}, not a string"
     count = [0]
     for key, value in config.items():
-        if key in _RESERVED:
-            continue
         if type(key) is not str or not key.isidentifier():
             return f"argument name {_short(key)} is not an identifier"
+        if key in _RESERVED:
+            continue
         why = _check_literal(value, f"argument {key!r}", 1, count)
         if why:
             return why
@@ -192,6 +193,7 @@ def check_network_config(config: Any, where: str | os.PathLike | None = None) ->
         CheckpointError: ``refused network config: <why>`` — the class is not in :data:`NETWORKS`, or a value is
             not a literal (a ``$`` / ``@`` / ``%`` string, a nested ``_target_``, ``_requires_``, ``_mode_``
             other than ``default``, ``_disabled_``, a tensor or another object, nesting deeper than 8 levels).
+            A top-level ``_desc_`` string is accepted and ignored, as ``ConfigParser`` does.
     """
     why = _why_refused(config)
     if why:

@@ -377,3 +377,35 @@ def test_datalist_strings_are_never_evaluated(tmp_path, capsys):
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("medssl: error: "), err
     assert "__import__" in err  # named as the file that is missing
     assert not canary.exists()
+
+
+@pytest.mark.parametrize(
+    "config, reason",
+    [
+        ({"_mode_": torch.zeros(2)}, r"'_mode_' tensor\(\[0., 0.\]\) is not allowed"),
+        ({"_mode_": "callable"}, r"'_mode_' 'callable' is not allowed"),
+        ({"_disabled_": False}, r"'_disabled_' is not allowed"),
+        ({"_desc_": ["$x"]}, r"'_desc_' is a list, not a string"),
+        ({torch.zeros(1): 1}, r"argument name tensor\(\[0.\]\) is not an identifier"),
+        ({"not an identifier": 1}, r"argument name 'not an identifier' is not an identifier"),
+        ({"act": {torch.zeros(1): 1}}, r"argument 'act' has a Tensor key"),
+        ({"act": {"$x": 1}}, r"argument 'act' key is '\$x'"),
+        ({"act": ["prelu", {"_requires_": "@x"}]}, r"argument 'act'\[1\] has a nested '_requires_'"),
+        ({"channels": [1] * 20_000}, r"more than 10000 values"),
+        ({"norm": "x" * 2_000}, r"argument 'norm' is a string of 2000 characters"),
+        ({"act": type("S", (str,), {})("$x")}, r"argument 'act' is a S, not a literal"),
+    ],
+    ids=lambda v: None,
+)
+def test_check_network_config_refuses(config, reason):
+    from medssl.checkpoint import check_network_config
+
+    with pytest.raises(CheckpointError, match=f"^m.pt: refused network config: {reason}"):
+        check_network_config({"_target_": "monai.networks.nets.UNet", **UNET, **config}, "m.pt")
+
+
+def test_check_network_config_accepts_desc_and_default_mode():
+    from medssl.checkpoint import check_network_config
+
+    config = {"_target_": "monai.networks.nets.UNet", "_desc_": "a note", "_mode_": "default", **UNET}
+    assert check_network_config(config) == ("monai.networks.nets.UNet", UNET)
