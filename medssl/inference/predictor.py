@@ -290,15 +290,21 @@ class Predictor:
             parts["probability output"] = c * n_in * 2 + 3 * n_in * 4
         return parts
 
-    def _out_of_memory_running(self, volume: Volume, error: BaseException) -> ResourceError:
+    def _out_of_memory_running(self, volume: Volume, error: BaseException, n_windows: int) -> ResourceError:
         roi = "x".join(map(str, self.roi_size))
-        size = f"{self.sw_batch_size} windows of {roi} voxels per call, {self.precision} on {self.device}"
+        per_call = min(self.sw_batch_size, n_windows)
+        size = f"{per_call} window{'s' * (per_call != 1)} of {roi} voxels per call, {self.precision} on {self.device}"
         attempted = attempted_allocation(error)
         if attempted:
             size += f"; tried to allocate {attempted}"
-        advice = "lower --sw-batch-size"
+        advice = []
+        if per_call > 1:
+            advice.append("lower --sw-batch-size")
         if self.precision == "fp32":
-            advice += ", or use --precision bf16 (CPU) / amp (CUDA)"
+            advice.append("use --precision bf16 (CPU) / amp (CUDA)")
+        if self.device.type != "cpu":
+            advice.append("use --device cpu")
+        advice = ", or ".join(advice) if advice else "use a machine with more memory"
         return ResourceError(
             volume.path,
             f"out of memory while running the network ({size}); {advice} (the window is the checkpoint's roi_size)",
@@ -370,7 +376,7 @@ class Predictor:
             except Exception as e:
                 if not is_out_of_memory(e):
                     raise
-                oom = self._out_of_memory_running(volume, e)
+                oom = self._out_of_memory_running(volume, e, n_windows)
         del image
         if oom is not None:  # raised outside the handler: the failed call's activations are freed first
             if self.device.type == "cuda":

@@ -92,6 +92,26 @@ def test_out_of_memory_while_running_is_a_resource_error_per_volume(tmp_path, mo
     assert "bf16 on cpu" in failures[0].problem and "--precision" not in failures[0].problem
 
 
+def test_out_of_memory_with_nothing_left_to_lower(tmp_path, monkeypatch):
+    """One window per call in bf16 on the CPU: no option lowers it further, and the message does not pretend."""
+    from monai.networks.blocks import Convolution
+
+    from medssl.inference import Predictor
+
+    def forward(self, x):
+        raise RuntimeError(CPU_OOM)
+
+    monkeypatch.setattr(Convolution, "forward", forward)
+    predictor = Predictor(_model(tmp_path / "model.pt"), device="cpu", sw_batch_size=1, progress=False)
+    scan = _scan(tmp_path / "a.nii.gz")
+    with pytest.raises(ErrorList) as info:
+        predictor.predict_paths([scan], tmp_path / "out")
+    assert info.value.errors[0].problem == (
+        "out of memory while running the network (1 window of 16x16x16 voxels per call, bf16 on cpu; tried to "
+        "allocate 2.00 GiB); use a machine with more memory (the window is the checkpoint's roi_size)"
+    )
+
+
 def test_out_of_memory_while_building_names_the_network_and_the_attempt(tmp_path, capsys):
     huge = {**CONV, "out_channels": 10**8, "kernel_size": 999}  # 4e17 bytes of weights: refused at once
     model = _model(tmp_path / "huge.pt", network=huge)
