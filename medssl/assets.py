@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 SSL_ASSET = "ssl_vit_ct_cpu.pt"
 # the pretraining pool: unlabeled phantoms of seed 1000 (the demo's data are seed 0), the demo's shape
 ASSET_POOL = {"seed": 1000, "cases": 2, "unlabeled": 32, "shape": (96, 96, 48)}
-ASSET_EPOCHS = 150  # 8 iterations of 4 volumes x 2 crops x 2 views per epoch
+ASSET_EPOCHS = 40  # 9 iterations of 4 volumes x 2 crops x 2 views per epoch (34 volumes)
 ASSET_THREADS = 2
 
 

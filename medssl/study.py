@@ -59,6 +59,8 @@ __all__ = [
     "aggregate",
     "render_table",
     "plot_results",
+    "paired_gains",
+    "render_gains",
     "run_study",
 ]
 
@@ -105,6 +107,9 @@ class StudyConfig:
         jobs: cells trained at once, each in its own process (on a CPU, small networks run faster as N
             one-thread processes than as one N-thread process); 1 = one after another.
         threads: torch threads per cell process (``OMP_NUM_THREADS``); default: the CPU count divided by ``jobs``.
+        title: what was trained, written above the table (results.md and the terminal).
+        reference: named reference scores (mean foreground Dice, 0-1) shown beside the table and as lines in
+            the plot, e.g. ``{"oracle intensity threshold": 0.27}``.
     """
 
     datalist: str
@@ -125,6 +130,8 @@ class StudyConfig:
     bundles_dir: str | None = None
     jobs: int = 1
     threads: int | None = None
+    title: str | None = None
+    reference: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **cli: Any) -> StudyConfig:
@@ -418,7 +425,9 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
             {"method": method, "labeled": n, "seed": seed, **{c: r[c] for c in RESULT_COLUMNS[3:]}}
             for r in results[(method, n, seed)]
         ]
-    return write_results(rows, out, methods=cfg.methods, counts=sorted(cfg.labeled))
+    return write_results(
+        rows, out, methods=cfg.methods, counts=sorted(cfg.labeled), title=cfg.title, reference=cfg.reference
+    )
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -468,10 +477,61 @@ def render_table(agg: Mapping[tuple[str, int], Sequence[float]], methods: Sequen
     return "\n".join(lines) + "\n"
 
 
+def paired_gains(
+    rows: Sequence[Mapping[str, Any]], methods: Sequence[str], counts: Sequence[int]
+) -> dict[tuple[str, int], dict[int, float]]:
+    """Per seed, a method's mean foreground Dice minus scratch's at the same labeled count and seed.
+
+    A seed fixes the labeled subset, so each difference is paired: the same labeled volumes, the same budget.
+    """
+    per_seed: dict[tuple[str, int, int], list[float]] = {}
+    for r in rows:
+        per_seed.setdefault((str(r["method"]), int(r["labeled"]), int(r["seed"])), []).append(float(r["dice"]))
+    means = {k: float(np.mean(v)) for k, v in per_seed.items()}
+    gains: dict[tuple[str, int], dict[int, float]] = {}
+    for (method, n, seed), value in sorted(means.items()):
+        if method == "scratch" or ("scratch", n, seed) not in means:
+            continue
+        gains.setdefault((method, n), {})[seed] = value - means[("scratch", n, seed)]
+    return {k: v for k, v in gains.items() if k[0] in methods and k[1] in counts}
+
+
+def render_gains(gains: Mapping[tuple[str, int], Mapping[int, float]]) -> str:
+    """Markdown: the paired gains per seed, their mean ± sd, and whether the effect exceeds the seed spread."""
+    if not gains:
+        return ""
+    lines = [
+        "| method | labeled | gain per seed (Dice points) | mean ± sd | beyond seed spread |",
+        "|---|---|---|---|---|",
+    ]
+    for (method, n), by_seed in sorted(gains.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        values = [by_seed[s] for s in sorted(by_seed)]
+        mean, sd = _mean_sd(values)
+        per_seed = ", ".join(f"s{s}: {100 * by_seed[s]:+.1f}" for s in sorted(by_seed))
+        # the study's criterion: every seed the same sign and the mean larger than one sd of the per-seed gains
+        verdict = "n/a (1 seed)"
+        if len(values) > 1:
+            same_sign = all(v > 0 for v in values) or all(v < 0 for v in values)
+            verdict = "yes" if same_sign and abs(mean) > sd else "no"
+        lines.append(f"| {method} | {n} | {per_seed} | {100 * mean:+.1f} ± {100 * sd:.1f} | {verdict} |")
+    lines.append("")
+    lines.append(
+        "Gain = the method's mean foreground Dice minus scratch's with the same seed (the same labeled volumes and "
+        "budget). 'beyond seed spread': all seeds of one sign and |mean| > sd of the per-seed gains."
+    )
+    return "\n".join(lines) + "\n"
+
+
 def plot_results(
-    agg: Mapping[tuple[str, int], Sequence[float]], methods: Sequence[str], counts: Sequence[int], path: Path
+    agg: Mapping[tuple[str, int], Sequence[float]],
+    methods: Sequence[str],
+    counts: Sequence[int],
+    path: Path,
+    *,
+    title: str | None = None,
+    reference: Mapping[str, float] | None = None,
 ) -> Path:
-    """Dice against labeled count, one line per method, error bars = sd over seeds."""
+    """Dice against labeled count, one line per method, error bars = sd over seeds; references as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -484,12 +544,15 @@ def plot_results(
             continue
         stats = [_mean_sd(agg[(m, n)]) for n in xs]
         ax.errorbar(xs, [100 * s[0] for s in stats], yerr=[100 * s[1] for s in stats], marker="o", capsize=3, label=m)
+    for k, (name, value) in enumerate((reference or {}).items()):
+        ax.axhline(100 * float(value), color="0.4", linestyle=("--", ":", "-.")[k % 3], linewidth=1, label=name)
     ax.set_xlabel("labeled training volumes")
     ax.set_ylabel("mean foreground Dice (%)")
+    ax.set_ylim(bottom=0)
     ax.set_xticks(list(counts))
     ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("label efficiency")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "label efficiency", fontsize=9)
     fig.tight_layout()
     try:
         atomic_save_figure(fig, path)
@@ -499,9 +562,15 @@ def plot_results(
 
 
 def write_results(
-    rows: Sequence[Mapping[str, Any]], out: Path, *, methods: Sequence[str], counts: Sequence[int]
+    rows: Sequence[Mapping[str, Any]],
+    out: Path,
+    *,
+    methods: Sequence[str],
+    counts: Sequence[int],
+    title: str | None = None,
+    reference: Mapping[str, float] | None = None,
 ) -> dict[str, Path]:
-    """Write ``results.csv``, ``results.md`` and ``results.png`` into ``out``."""
+    """Write ``results.csv``, ``results.md`` and ``results.png`` into ``out`` and print the tables."""
     import io
 
     buf = io.StringIO()
@@ -511,7 +580,17 @@ def write_results(
     paths = {"csv": atomic_write_text(out / "results.csv", buf.getvalue())}
     agg = aggregate(rows)
     table = render_table(agg, methods, counts)
-    paths["md"] = atomic_write_text(out / "results.md", "# Label-efficiency study\n\n" + table)
-    paths["png"] = plot_results(agg, methods, counts, out / "results.png")
-    print("\n" + table, flush=True)
+    if reference:
+        table += (
+            "\nReference (same validation cases): "
+            + "; ".join(f"{name} {100 * float(v):.1f}" for name, v in reference.items())
+            + "\n"
+        )
+    gains = render_gains(paired_gains(rows, methods, counts))
+    if gains:
+        table += "\n" + gains
+    head = (title + "\n\n") if title else ""
+    paths["md"] = atomic_write_text(out / "results.md", "# Label-efficiency study\n\n" + head + table)
+    paths["png"] = plot_results(agg, methods, counts, out / "results.png", title=title, reference=reference)
+    print("\n" + head + table, flush=True)
     return paths
