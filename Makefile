@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install bench clean
+.PHONY: demo test lint install bench clean assets evidence
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ test: lint
 
 demo: $(STAMP)
 	$(BIN)/python -m medssl.demo
+
+# the SSL checkpoint that `make demo` fine-tunes (assets/ssl_vit_ct_cpu.pt + .json); committed, rebuilt by this
+assets: $(STAMP)
+	$(BIN)/python -m medssl.assets --out assets
+
+# the full label-efficiency evidence on phantoms (resumable: rerun to continue); writes docs/evidence/
+evidence: $(STAMP)
+	$(BIN)/python -m medssl.evidence
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

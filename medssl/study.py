@@ -14,6 +14,7 @@ scratch                     btcv_unetr.yaml                                     
 pretrained                  btcv_unetr.yaml + ``pretrained_ckpt``                (no ViT: not available)
 mean_teacher                mean_teacher.yaml + mean_teacher_btcv.yaml           mean_teacher.yaml
 pretrained_mean_teacher     mean_teacher.yaml + mean_teacher_btcv.yaml + ckpt    (not available)
+ua_mt                       (not available)                                      mean_teacher.yaml + ``--uncertainty true``
 =========================== ==================================================== =========================
 
 Every cell (method × count × seed) runs in its own process and folder under ``out/cells``; a finished cell is
@@ -59,6 +60,7 @@ __all__ = [
     "aggregate",
     "render_table",
     "plot_results",
+    "draw_results",
     "paired_gains",
     "render_gains",
     "run_study",
@@ -66,9 +68,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METHODS = ("scratch", "pretrained", "mean_teacher", "pretrained_mean_teacher")
+METHODS = ("scratch", "pretrained", "mean_teacher", "pretrained_mean_teacher", "ua_mt")
 _STAGE = {"scratch": "finetune", "pretrained": "finetune", "mean_teacher": "mean_teacher"}
 _STAGE["pretrained_mean_teacher"] = "mean_teacher"
+_STAGE["ua_mt"] = "mean_teacher"
+# what makes a method other than its bundle: UA-MT is Mean Teacher with the uncertainty-masked consistency
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {"ua_mt": {"uncertainty": "true"}}
 BUNDLES = {
     ("btcv", "finetune"): ("btcv_unetr.yaml",),
     ("btcv", "mean_teacher"): ("mean_teacher.yaml", "mean_teacher_btcv.yaml"),
@@ -110,6 +115,8 @@ class StudyConfig:
         title: what was trained, written above the table (results.md and the terminal).
         reference: named reference scores (mean foreground Dice, 0-1) shown beside the table and as lines in
             the plot, e.g. ``{"oracle intensity threshold": 0.27}``.
+        method_overrides: bundle overrides for one method's cells, e.g. the same labeled crops per step for
+            ``scratch`` as Mean Teacher's labeled half: ``{"scratch": {"batch_size": 2}}``.
     """
 
     datalist: str
@@ -132,6 +139,7 @@ class StudyConfig:
     threads: int | None = None
     title: str | None = None
     reference: dict[str, float] = field(default_factory=dict)
+    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **cli: Any) -> StudyConfig:
@@ -327,6 +335,8 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
     task = cfg.task or _infer_task(dl.labels)
     if task not in ("btcv", "la"):
         raise ConfigError("task", f"unknown task {task!r} (use btcv or la)")
+    if task == "btcv" and "ua_mt" in cfg.methods:
+        raise ConfigError("methods", "ua_mt (UA-MT) is defined for the binary LA task; use mean_teacher on btcv")
     if task == "la" and any(m.startswith("pretrained") for m in cfg.methods):
         raise ConfigError("methods", "the LA task trains a V-Net, which has no ViT to pretrain: drop 'pretrained*'")
     bundles = Path(cfg.bundles_dir) if cfg.bundles_dir else default_bundles_dir()
@@ -375,6 +385,8 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
             }
             if cfg.val_interval is not None:
                 overrides["val_interval"] = int(cfg.val_interval)
+            overrides.update(METHOD_OVERRIDES.get(method, {}))
+            overrides.update(cfg.method_overrides.get(method, {}))
             with lock:
                 running[tag] = cell_dir / "train.log"
                 print(f"{tag}: training ({threads} thread(s))", flush=True)
@@ -522,6 +534,35 @@ def render_gains(gains: Mapping[tuple[str, int], Mapping[int, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def draw_results(
+    ax: Any,
+    agg: Mapping[tuple[str, int], Sequence[float]],
+    methods: Sequence[str],
+    counts: Sequence[int],
+    *,
+    title: str | None = None,
+    reference: Mapping[str, float] | None = None,
+) -> None:
+    """Draw Dice against labeled count on a matplotlib ``ax``: a line per method, error bars = sd over seeds."""
+    import textwrap
+
+    for m in methods:
+        xs = [n for n in counts if (m, n) in agg]
+        if not xs:
+            continue
+        stats = [_mean_sd(agg[(m, n)]) for n in xs]
+        ax.errorbar(xs, [100 * s[0] for s in stats], yerr=[100 * s[1] for s in stats], marker="o", capsize=3, label=m)
+    for k, (name, value) in enumerate((reference or {}).items()):
+        ax.axhline(100 * float(value), color="0.4", linestyle=("--", ":", "-.")[k % 3], linewidth=1, label=name)
+    ax.set_xlabel("labeled training volumes")
+    ax.set_ylabel("mean foreground Dice (%)")
+    ax.set_ylim(bottom=0)
+    ax.set_xticks(list(counts))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(textwrap.fill(title or "label efficiency", 70), fontsize=8)
+
+
 def plot_results(
     agg: Mapping[tuple[str, int], Sequence[float]],
     methods: Sequence[str],
@@ -537,22 +578,8 @@ def plot_results(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for m in methods:
-        xs = [n for n in counts if (m, n) in agg]
-        if not xs:
-            continue
-        stats = [_mean_sd(agg[(m, n)]) for n in xs]
-        ax.errorbar(xs, [100 * s[0] for s in stats], yerr=[100 * s[1] for s in stats], marker="o", capsize=3, label=m)
-    for k, (name, value) in enumerate((reference or {}).items()):
-        ax.axhline(100 * float(value), color="0.4", linestyle=("--", ":", "-.")[k % 3], linewidth=1, label=name)
-    ax.set_xlabel("labeled training volumes")
-    ax.set_ylabel("mean foreground Dice (%)")
-    ax.set_ylim(bottom=0)
-    ax.set_xticks(list(counts))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or "label efficiency", fontsize=9)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
+    draw_results(ax, agg, methods, counts, title=title, reference=reference)
     fig.tight_layout()
     try:
         atomic_save_figure(fig, path)

@@ -123,7 +123,7 @@ def test_resume_skips_finished_cells(tmp_path, monkeypatch):
     (done / "done.json").write_text(json.dumps({"rows": _rows({("scratch", 1, 0): [0.3]})}))
     ran = []
 
-    def fake_run(cmd, log_path, what):
+    def fake_run(cmd, log_path, what, threads=None):
         ran.append(what)
         (log_path.parent / "model.pt").write_bytes(b"")
 

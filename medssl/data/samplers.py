@@ -62,7 +62,10 @@ class TwoStreamBatchSampler(Sampler[list[int]]):
 
     One epoch is ``len(labeled_indices) // labeled_batch_size`` batches: each labeled index appears at most once
     per epoch (exactly once when the count divides evenly; the remainder is left out of that epoch, a different
-    remainder each epoch). The unlabeled stream continues across epochs, reshuffled at the start of every pass.
+    remainder each epoch). With fewer labeled indices than ``labeled_batch_size`` (one labeled scan, say), an
+    epoch is one batch in which each labeled index appears ``ceil(labeled_batch_size / count)`` times or fewer
+    (each fetch draws its own random crop, as ``num_samples`` crops of one volume would). The unlabeled stream
+    continues across epochs, reshuffled at the start of every pass.
 
     Like ``DistributedSampler``, call :meth:`set_epoch` before each epoch (``MeanTeacherTrainer`` does) for
     reproducible epochs and exact resume. Without it, successive ``iter()`` calls use epochs 0, 1, 2, ...
@@ -75,7 +78,7 @@ class TwoStreamBatchSampler(Sampler[list[int]]):
         seed: non-negative seed of both shuffles.
 
     Raises:
-        ValueError: empty or overlapping streams, bad batch sizes, or fewer labeled indices than one batch needs.
+        ValueError: empty or overlapping streams, or bad batch sizes.
 
     Example::
 
@@ -116,8 +119,7 @@ class TwoStreamBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         if len(self) < 1:
             raise ValueError(
-                f"{self._labeled_count()} labeled indices per epoch are fewer than labeled_batch_size="
-                f"{self.labeled_batch_size}: an epoch would have no batch"
+                f"{len(self.labeled_indices)} labeled indices cannot give each rank one: an epoch would have no batch"
             )
 
     # the two hooks the distributed variant overrides
@@ -137,7 +139,8 @@ class TwoStreamBatchSampler(Sampler[list[int]]):
         return pool[rng.permutation(len(pool))]
 
     def __len__(self) -> int:
-        return self._labeled_count() // self.labeled_batch_size
+        count = self._labeled_count()
+        return max(1, count // self.labeled_batch_size) if count > 0 else 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffles the next ``iter()`` produces."""
@@ -148,7 +151,11 @@ class TwoStreamBatchSampler(Sampler[list[int]]):
     def batches(self, epoch: int) -> list[list[int]]:
         """All batches of ``epoch`` (pure: does not change the sampler's epoch)."""
         n_batches = len(self)
-        labeled = self._labeled_for_epoch(epoch)[: n_batches * self.labeled_batch_size]
+        labeled = self._labeled_for_epoch(epoch)
+        if len(labeled) < self.labeled_batch_size:  # fewer labeled volumes than one batch: repeat them
+            reps = -(-self.labeled_batch_size // len(labeled))
+            labeled = np.concatenate([np.roll(labeled, -k) for k in range(reps)])
+        labeled = labeled[: n_batches * self.labeled_batch_size]
         # the unlabeled stream is endless: epoch e reads positions [e * per_epoch, (e + 1) * per_epoch)
         per_epoch = n_batches * self.unlabeled_batch_size
         n_pool = len(self._unlabeled_pool())
@@ -186,7 +193,7 @@ class DistributedTwoStreamBatchSampler(TwoStreamBatchSampler):
 
     Raises:
         ValueError: as the base class, plus a rank outside ``[0, num_replicas)``, fewer unlabeled indices than
-            ranks, or fewer labeled indices per rank than one batch needs.
+            ranks, or fewer labeled indices than ranks.
     """
 
     def __init__(

@@ -90,7 +90,6 @@ def test_dataloader_batches():
         (dict(batch_size=1, labeled_batch_size=1), "batch_size must be an integer >= 2"),
         (dict(labeled_batch_size=5), r"labeled_batch_size must be .* got 5"),
         (dict(labeled_batch_size=0), "got 0"),
-        (dict(labeled_indices=[1, 2], labeled_batch_size=3, batch_size=4), "fewer than labeled_batch_size=3"),
         (dict(labeled_indices=[100, 200]), r"\[200\] are both labeled and unlabeled"),
         (dict(labeled_indices=[1, 1, 2]), "repeated"),
         (dict(seed=-1), "seed must be"),
@@ -165,3 +164,16 @@ def test_collate_fills_placeholder_labels():
     assert torch.allclose(batch["label"].affine[2], affine.double())
     with pytest.raises(DataError, match="no tensor 'image'"):
         TwoStreamCollate()([{"img": torch.zeros(1, 2, 2, 2)}])
+
+
+def test_fewer_labeled_indices_than_a_batch_repeat_them_in_one_batch_per_epoch():
+    # one labeled scan, 2 labeled slots per batch: every batch holds that scan twice, then unlabeled indices
+    sampler = TwoStreamBatchSampler([7], [0, 1, 2, 3], batch_size=4, labeled_batch_size=2, seed=0)
+    assert len(sampler) == 1
+    for epoch in range(3):
+        (batch,) = sampler.batches(epoch)
+        assert batch[:2] == [7, 7]
+        assert set(batch[2:]) <= {0, 1, 2, 3} and len(batch) == 4
+    # two labeled scans, 3 slots: both appear, neither more than twice
+    (batch,) = TwoStreamBatchSampler([5, 6], [0, 1], batch_size=4, labeled_batch_size=3, seed=1).batches(0)
+    assert sorted(batch[:3]) in ([5, 5, 6], [5, 6, 6])

@@ -1,0 +1,254 @@
+"""``make evidence``: the label-efficiency evidence on phantoms, CT and LA, in one resumable command.
+
+Two studies through :func:`medssl.study.run_study` (every cell is a real bundle run; a rerun skips finished cells
+and resumes a killed one), then one report in ``docs/evidence/``:
+
+* **CT** (multi-organ, UNETR): scratch vs SSL-pretrained (the shipped ``assets/ssl_vit_ct_cpu.pt``) vs Mean
+  Teacher vs both, at 1 / 2 / 4 labeled volumes, 3 seeds, on a five-organ CT phantom of a seed that no setting
+  was tuned on, with ``bundles/cpu_study.yaml``;
+* **LA** (left atrium, V-Net): supervised vs Mean Teacher vs UA-MT at 2 labeled volumes, 3 seeds; every method
+  sees the same labeled crops per step (2), Mean Teacher adds 2 unlabeled ones.
+
+Every model is scored once, after its full budget (``val_interval`` = budget): no checkpoint is selected on the
+validation volumes the tables report. The report states the machine, the commit, the precision and the wall time,
+and for each method the per-seed gains over its baseline.
+
+Example::
+
+    python -m medssl.evidence                   # both studies, as `make evidence`
+    python -m medssl.evidence --only ct --labeled 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import platform
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EVIDENCE", "run_evidence", "main"]
+
+log = logging.getLogger(__name__)
+
+_PHANTOM_SEED = 7  # the demo uses seed 3 and the settings were chosen on seed 0: the reported volumes are unseen
+
+EVIDENCE: dict[str, dict[str, Any]] = {
+    "ct": {
+        "phantom": {
+            "kind": "ct-abdomen",
+            "seed": _PHANTOM_SEED,
+            "cases": 12,
+            "unlabeled": 8,
+            "shape": (96, 96, 48),
+            "organs": ("spleen", "right kidney", "left kidney", "liver", "stomach"),
+        },  # fmt: skip
+        "study": {
+            "labeled": [1, 2, 4],
+            "methods": ["scratch", "pretrained", "mean_teacher", "pretrained_mean_teacher"],
+            "seeds": 3,
+            "budget": 250,
+            "overrides": {"num_classes": 6},
+            # Mean Teacher's batch: 4 labeled crops (as scratch's 4 crops of one volume) + 4 unlabeled ones; the
+            # consistency ramp-up (40 units) scaled to the budget, as the recipe's 40 x 150 is to its 25k iterations
+            "method_overrides": {
+                m: {"batch_size": 8, "consistency_rampup_unit": 6} for m in ("mean_teacher", "pretrained_mean_teacher")
+            },
+        },
+        "overlays": ["cpu_study.yaml"],
+        "title": "CT phantom (5 organs): UNETR scratch / SSL-pretrained / Mean Teacher / both",
+    },
+    "la": {
+        "phantom": {"kind": "la-mri", "seed": _PHANTOM_SEED, "cases": 12, "unlabeled": 8, "shape": (64, 64, 48)},
+        "study": {
+            "labeled": [2],
+            "methods": ["scratch", "mean_teacher", "ua_mt"],
+            "seeds": 3,
+            "budget": 400,
+            # UA-MT's recipe scaled to the budget: lr x0.1 at 40 % of it, consistency ramp-up over the whole run
+            "overrides": {
+                "roi_size": [48, 48, 32],
+                "base_filters": 8,
+                "batch_size": 4,
+                "lr_step_iterations": 160,
+                "consistency_rampup_unit": 10,
+            },  # fmt: skip
+            # the supervised baseline sees the labeled half of Mean Teacher's batch
+            "method_overrides": {"scratch": {"batch_size": 2}},
+        },
+        "overlays": [],  # cpu_study.yaml is the CT grid; LA keeps its native 0.625 mm grid
+        "title": "LA phantom: V-Net supervised / Mean Teacher / UA-MT",
+    },
+}
+
+
+def _machine(precision: str) -> dict[str, Any]:
+    import os
+
+    import torch
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+        "precision": precision,
+        "torch": torch.__version__,
+    }
+
+
+def _threshold(datalist: Path) -> float:
+    from medssl.demo import threshold_baseline
+
+    return threshold_baseline(datalist)
+
+
+def run_evidence(
+    out_dir: str | Path = "runs/evidence",
+    docs_dir: str | Path = "docs/evidence",
+    *,
+    only: Sequence[str] | None = None,
+    labeled: Sequence[int] | None = None,
+    seeds: int | None = None,
+    budget: int | None = None,
+    jobs: int = 2,
+    precision: str = "fp32",
+) -> dict[str, Path]:
+    """Run (or resume) the evidence studies and write ``docs_dir/results.{csv,md,png}``.
+
+    ``only``, ``labeled``, ``seeds`` and ``budget`` shrink the run (a partial run says so in its report).
+    """
+    from medssl import resources
+    from medssl.assets import SSL_ASSET, _git_commit
+    from medssl.data.phantoms import ensure_phantom
+    from medssl.errors import ConfigError
+    from medssl.study import StudyConfig, run_study
+
+    tasks = list(only or EVIDENCE)
+    unknown = [t for t in tasks if t not in EVIDENCE]
+    if unknown:
+        raise ConfigError("only", f"unknown evidence task(s) {unknown} (use {', '.join(EVIDENCE)})")
+    out, docs = Path(out_dir), Path(docs_dir)
+    bundles = resources.bundles_dir()
+    asset = resources.assets_dir() / SSL_ASSET
+    start = time.perf_counter()
+    sections: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        spec = EVIDENCE[task]
+        phantom = dict(spec["phantom"])
+        kind = phantom.pop("kind")
+        datalist = ensure_phantom(kind, out / f"{task}_phantom", **phantom)
+        study = {**spec["study"]}
+        if labeled:
+            study["labeled"] = [n for n in study["labeled"] if n in set(labeled)] or list(labeled)
+        if seeds:
+            study["seeds"] = int(seeds)
+        if budget:
+            study["budget"] = int(budget)
+        reference = {"oracle intensity threshold": _threshold(datalist)}
+        cfg = StudyConfig(
+            datalist=str(datalist),
+            out=str(out / task),
+            overlays=[str(bundles / name) for name in spec["overlays"]],
+            val_interval=int(study["budget"]),
+            device="cpu",
+            precision=precision,
+            jobs=jobs,
+            pretrained=str(asset) if any(m.startswith("pretrained") for m in study["methods"]) else None,
+            title=f"{spec['title']}; {study['budget']} iterations; {precision} on CPU",
+            reference=reference,
+            **study,
+        )
+        print(f"\n== evidence: {task} ({cfg.title})", flush=True)
+        t0 = time.perf_counter()
+        paths = run_study(cfg)
+        sections[task] = {"cfg": cfg, "paths": paths, "seconds": time.perf_counter() - t0}
+    full = not (only or labeled or seeds or budget)
+    commit = _git_commit(resources.project_home("bundles"))
+    return _write_report(docs, sections, _machine(precision), commit, time.perf_counter() - start, full)
+
+
+def _write_report(
+    docs: Path,
+    sections: Mapping[str, Mapping[str, Any]],
+    machine: Mapping[str, Any],
+    commit: str | None,
+    seconds: float,
+    full: bool,
+) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medssl.atomic import atomic_save_figure, atomic_write_text
+    from medssl.study import aggregate, draw_results
+
+    docs.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = None
+    md = ["# medssl evidence: what pretraining and unlabeled data buy on phantoms", ""]
+    md.append(
+        f"Run: `make evidence`{'' if full else ' (PARTIAL: a subset of the full configuration)'}; commit "
+        f"`{commit}`; machine: {machine['cpu']} ({machine['cores']} cores, torch CPU capability "
+        f"{machine['cpu_capability']}), precision {machine['precision']}, torch {machine['torch']}; wall time "
+        f"{seconds / 60:.1f} min."
+    )
+    fig, axes = plt.subplots(1, max(1, len(sections)), figsize=(6.4 * max(1, len(sections)), 4.8), dpi=110)
+    axes = [axes] if len(sections) == 1 else list(axes)
+    for ax, (task, sec) in zip(axes, sections.items()):
+        cfg = sec["cfg"]
+        with open(sec["paths"]["csv"], encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if writer is None:
+            writer = csv.DictWriter(buf, fieldnames=["task", *rows[0].keys()], lineterminator="\n")
+            writer.writeheader()
+        writer.writerows({"task": task, **r} for r in rows)
+        table = Path(sec["paths"]["md"]).read_text(encoding="utf-8").split("\n", 2)[2]
+        md += ["", f"## {task.upper()}", "", f"Study folder: `{Path(cfg.out)}`; {sec['seconds'] / 60:.1f} min.", ""]
+        md.append(table.strip())
+        draw_results(ax, aggregate(rows), cfg.methods, sorted(cfg.labeled), title=cfg.title, reference=cfg.reference)
+    fig.tight_layout()
+    paths = {"csv": atomic_write_text(docs / "results.csv", buf.getvalue())}
+    paths["md"] = atomic_write_text(docs / "results.md", "\n".join(md) + "\n")
+    try:
+        paths["png"] = atomic_save_figure(fig, docs / "results.png")
+    finally:
+        plt.close(fig)
+    meta = {"commit": commit, "machine": dict(machine), "wall_seconds": round(seconds, 1), "full": full}
+    atomic_write_text(docs / "run.json", json.dumps(meta, indent=2) + "\n")
+    print(f"\nevidence written to {docs}/results.md (.csv, .png) in {seconds / 60:.1f} min", flush=True)
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medssl.evidence", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--out", default="runs/evidence", help="study folders (default: runs/evidence/)")
+    parser.add_argument("--docs", default="docs/evidence", help="report folder (default: docs/evidence/)")
+    parser.add_argument("--only", nargs="+", choices=sorted(EVIDENCE), help="run only these studies")
+    parser.add_argument("--labeled", type=int, nargs="+", help="only these labeled counts (a partial run)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (default: each study's, 3)")
+    parser.add_argument("--budget", type=int, help="iterations per cell (default: each study's)")
+    parser.add_argument("--jobs", type=int, default=2, help="cells trained at once (default: 2)")
+    parser.add_argument("--precision", default="fp32", help="auto | fp32 | bf16 (default: fp32)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from medssl.errors import MedsslError
+
+    try:
+        run_evidence(args.out, args.docs, only=args.only, labeled=args.labeled, seeds=args.seeds,
+                     budget=args.budget, jobs=args.jobs, precision=args.precision)  # fmt: skip
+    except MedsslError as e:
+        print(f"medssl: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
