@@ -134,6 +134,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         "overlays": args.overlay,
         "device": args.device,
         "precision": args.precision,
+        "redo_changed": args.redo_changed,
     }
     if args.config:
         cfg = StudyConfig.from_yaml(args.config, **cli)
@@ -289,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: auto)")
     p.add_argument("--precision", choices=["bf16", "fp32", "amp"], default=None, help="default: bf16")
     p.add_argument("--out", default=None, help="output folder; rerunning resumes it")
+    p.add_argument(
+        "--redo-changed",
+        action="store_true",
+        default=None,
+        help="recompute the cells whose settings changed since they ran (default: refuse to mix settings)",
+    )
     return parser
 
 
