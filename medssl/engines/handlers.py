@@ -1,6 +1,7 @@
 """Ignite handlers shared by every medssl training bundle: checkpoints with exact resume, image grids, progress.
 
-- :class:`CheckpointHandler` writes ``model.pt`` (best validation metric, self-describing) and ``last.pt``
+- :class:`CheckpointHandler` writes ``model.pt`` (best validation metric, self-describing; the final weights when no
+  validation ran, ``best.selected_by`` says which) and ``last.pt``
   (plus optimizer, scheduler, scaler, extra modules such as an EMA teacher, RNG states, engine progress), both
   atomically, and with ``resume=True`` restores ``last.pt`` when the trainer starts.
 - :class:`MetricHistory` appends every validation result to a CSV.
@@ -174,8 +175,9 @@ class CheckpointHandler:
         extra_modules: more objects with ``state_dict``/``load_state_dict`` saved in ``last.pt`` under their name
             (e.g. ``{"teacher": ema_model}``).
         evaluator: the validation engine (epoch- or iteration-level ``ValidationHandler``); ``model.pt`` is written
-            when its ``key_metric`` improves. A validation at start selects nothing. Without an evaluator,
-            ``model.pt`` is written every epoch.
+            when its ``key_metric`` improves (``best.selected_by = "best"``). A validation at start selects
+            nothing. Without an evaluator, or when no validation ran before the end of the run, ``model.pt`` holds
+            the final weights (``best.selected_by = "final"``, logged), written every epoch and at the end.
         key_metric: name in ``evaluator.state.metrics``.
         mode: ``"min"`` (losses) or ``"max"`` (Dice).
         train_transform: the training transform chain whose random states are saved for exact resume.
@@ -282,6 +284,7 @@ class CheckpointHandler:
                 "value": value,
                 "epoch": int(engine.state.epoch),
                 "iteration": int(engine.state.iteration),
+                "selected_by": "best",
             }
             self.save_best(engine)
             logger.info(f"{self.key_metric} {value:.6f} is the best so far (iteration {engine.state.iteration})")
@@ -289,11 +292,20 @@ class CheckpointHandler:
     def _on_epoch_completed(self, engine) -> None:
         self._consider_best(engine)
         if self.evaluator is None:
-            self.save_best(engine)
+            self.save_final(engine)
         if engine.state.epoch % self.save_interval == 0:
             self.save_last(engine)
 
     def _on_completed(self, engine) -> None:
+        if self.best.get("value") is None:
+            # no validation selected weights (val_interval beyond the budget, or no evaluator): model.pt must
+            # still exist after a successful run, so it holds the final weights and says so
+            if self.evaluator is not None:
+                logger.warning(
+                    f"no validation selected a model in this run (is val_interval larger than the budget?): "
+                    f"{self.best_path} holds the final weights (selected_by: final)"
+                )
+            self.save_final(engine)
         if self._last_saved_iteration != engine.state.iteration:
             self.save_last(engine)
 
@@ -320,6 +332,17 @@ class CheckpointHandler:
         if _rank(self.rank) != 0:
             return None
         return save_checkpoint(self.best_path, **self._common(engine))
+
+    def save_final(self, engine) -> Path | None:
+        """Write ``model.pt`` with the current weights and ``best.selected_by = "final"`` (rank 0)."""
+        self.best = {
+            "metric": self.key_metric,
+            "value": None,
+            "epoch": int(engine.state.epoch),
+            "iteration": int(engine.state.iteration),
+            "selected_by": "final",
+        }
+        return self.save_best(engine)
 
     def _rng_states(self) -> dict[str, Any]:
         state = {"rng": capture_rng_state()}

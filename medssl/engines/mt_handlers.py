@@ -55,7 +55,9 @@ class BestOfCheckpoint:
     ran the validations, the best value of the round is compared with the best so far and, when it improves,
     that candidate is written with ``best = {metric, value, epoch, iteration, network: <name>}``. A validation
     run before training (``exec_at_start``) selects nothing, as in
-    :class:`~medssl.engines.handlers.CheckpointHandler`. Ties go to the candidate named first.
+    :class:`~medssl.engines.handlers.CheckpointHandler`. Ties go to the candidate named first. A run that ends
+    without any validation writes the first candidate's final weights with ``best.selected_by = "final"`` (logged);
+    a selected one has ``selected_by = "best"``.
 
     Args:
         path: checkpoint to write (atomically, ``medssl.checkpoint`` format).
@@ -115,6 +117,27 @@ class BestOfCheckpoint:
             evaluator.add_event_handler(Events.COMPLETED, functools.partial(self._on_validated, name))
         engine.add_event_handler(Events.STARTED, self._on_started)
         engine.add_event_handler(Events.EPOCH_STARTED, self._on_epoch_started)
+        engine.add_event_handler(Events.COMPLETED, self._on_completed)
+
+    def _on_completed(self, engine) -> None:
+        if self.best.get("value") is not None:
+            return
+        # no validation selected a candidate (val_interval beyond the budget): a successful run still leaves a
+        # loadable model, the first candidate's final weights, and says so
+        name = next(iter(self.networks))
+        logger.warning(
+            f"no validation selected a model in this run (is val_interval larger than the budget?): {self.path} "
+            f"holds the final weights of the {name} (selected_by: final)"
+        )
+        self.best = {
+            "metric": self.key_metric,
+            "value": None,
+            "epoch": int(engine.state.epoch),
+            "iteration": int(engine.state.iteration),
+            "network": name,
+            "selected_by": "final",
+        }
+        self._save(engine, name)
 
     def _on_started(self, engine) -> None:
         from ignite.engine import Events
@@ -152,7 +175,12 @@ class BestOfCheckpoint:
             "epoch": int(engine.state.epoch),
             "iteration": int(engine.state.iteration),
             "network": name,
+            "selected_by": "best",
         }
+        self._save(engine, name)
+        logger.info(f"{self.path.name}: {name} {self.key_metric} {value:.4f} (iteration {engine.state.iteration})")
+
+    def _save(self, engine, name: str) -> None:
         if self.rank == 0:
             save_checkpoint(
                 self.path,
@@ -164,7 +192,6 @@ class BestOfCheckpoint:
                 progress={"epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration)},
                 best=dict(self.best),
             )
-        logger.info(f"{self.path.name}: {name} {self.key_metric} {value:.4f} (iteration {engine.state.iteration})")
 
     def state_dict(self) -> dict[str, Any]:
         """The best so far (plain values), for ``last.pt``."""

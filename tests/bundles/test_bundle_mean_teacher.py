@@ -264,7 +264,14 @@ def test_best_of_checkpoint_picks_across_candidates_and_ignores_the_start(tmp_pa
     engine.run([0, 1, 2], max_epochs=1)
     assert saved[1]["best"]["network"] == "student" and saved[1]["best"]["value"] == 0.3
     ckpt = load_checkpoint(tmp_path / "model.pt")
-    assert ckpt["best"] == {"metric": "val_mean_dice", "value": 0.5, "epoch": 1, "iteration": 2, "network": "teacher"}
+    assert ckpt["best"] == {
+        "metric": "val_mean_dice",
+        "value": 0.5,
+        "epoch": 1,
+        "iteration": 2,
+        "network": "teacher",
+        "selected_by": "best",
+    }
     for k, v in nets["teacher"].state_dict().items():
         assert torch.equal(ckpt["state_dict"][k], v)
     restored = BestOfCheckpoint(tmp_path / "x.pt", nets, evs, cfg, "mean_teacher")
