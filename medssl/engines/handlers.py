@@ -19,6 +19,7 @@ streams). Under torchrun every handler writes on rank 0 only; every rank reads `
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medssl.atomic import atomic_save_figure
+from medssl.atomic import atomic_save_figure, atomic_write_text
 from medssl.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from medssl.engines.distributed import get_rank, get_world_size
 from medssl.engines.utils import as_bool
@@ -447,20 +448,49 @@ class CheckpointHandler:
 class CsvLog:
     """Rows appended to a CSV file, header first; a fresh log replaces a file an earlier run left there.
 
+    A resumed run (``append``) first drops the rows the interrupted run wrote after the checkpoint it resumes from
+    (:meth:`truncate_after`), so no step is logged twice: handlers that know the trainer call it when the run
+    starts; otherwise, with ``step_column``, the first row appended by this process drops every earlier row at
+    the same or a later step.
+
     Args:
         path: the CSV file.
         append: keep an existing file (a resumed run continues its log).
+        step_column: column that orders the rows (e.g. ``epoch``), for the first-row rule above.
     """
 
-    def __init__(self, path: str | os.PathLike, append: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, append: bool = False, step_column: str | None = None) -> None:
         self.path = Path(path)
         self._fresh = not as_bool(append, "append")
+        self.step_column = step_column
+        self._first = True
+
+    def truncate_after(self, column: str, value: float) -> int:
+        """Drop the rows whose ``column`` is greater than ``value`` (atomically); returns how many were dropped."""
+        if self._fresh or not self.path.is_file():
+            return 0
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or column not in rows[0]:
+            return 0
+        col = rows[0].index(column)
+        kept = [rows[0]] + [r for r in rows[1:] if not (len(r) > col and r[col] != "" and float(r[col]) > value)]
+        dropped = len(rows) - len(kept)
+        if dropped:
+            buf = io.StringIO()
+            csv.writer(buf).writerows(kept)
+            atomic_write_text(self.path, buf.getvalue())
+            logger.info(f"{self.path.name}: dropped {dropped} row(s) after {column} {value:g}, the resumed point")
+        return dropped
 
     def append(self, header: Sequence[str], values: Sequence[Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self._fresh:
             self.path.unlink(missing_ok=True)
             self._fresh = False
+        elif self._first and self.step_column in header:
+            self.truncate_after(self.step_column, float(values[list(header).index(self.step_column)]) - 1e-9)
+        self._first = False
         new = not self.path.is_file()
         with open(self.path, "a", newline="") as f:
             writer = csv.writer(f)
@@ -482,7 +512,7 @@ class MetricHistory:
         path: the CSV (its folder is created).
         metric_names: metrics of ``engine.state.metrics`` to write.
         append: keep the rows of an earlier run (set it to the bundle's ``resume``); otherwise the first write
-            of this process starts the file afresh.
+            of this process starts the file afresh. A resumed log drops the rows of epochs it logs again.
         rank: only rank 0 writes; ``None``: this process's rank in the process group (0 without one).
     """
 
@@ -491,7 +521,7 @@ class MetricHistory:
     ) -> None:
         self.path = Path(path)
         self.metric_names = list(metric_names)
-        self._log = CsvLog(path, append)
+        self._log = CsvLog(path, append, step_column="epoch")
         self.rank = rank
 
     def attach(self, engine) -> None:

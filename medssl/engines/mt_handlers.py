@@ -234,7 +234,7 @@ class ValidationLog:
         self.metric_names = [metric_names] if isinstance(metric_names, str) else list(metric_names)
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.csv_path = None if csv_path is None else Path(csv_path)
-        self._log = None if csv_path is None else CsvLog(csv_path, append)
+        self._log = None if csv_path is None else CsvLog(csv_path, append, step_column="iteration")
         self.rank = int(rank)
         self.columns = [f"{m}/{n}" for n in self.evaluators for m in self.metric_names]
         self._trainer = None
@@ -247,7 +247,13 @@ class ValidationLog:
         self._trainer = engine
         for name, evaluator in self.evaluators.items():
             evaluator.add_event_handler(Events.COMPLETED, functools.partial(self._on_validated, name))
+        engine.add_event_handler(Events.STARTED, self._on_started)
         engine.add_event_handler(Events.COMPLETED, self.close)
+
+    def _on_started(self, engine) -> None:
+        # after the checkpoint handler's restore: rows past the resumed iteration would be logged twice
+        if self.rank == 0 and self._log is not None:
+            self._log.truncate_after("iteration", engine.state.iteration)
 
     def _on_validated(self, name: str, evaluator) -> None:
         if self.rank != 0 or self._trainer is None:

@@ -78,7 +78,7 @@ class PerClassDiceLogger:
         self.include_background = as_bool(include_background, "include_background")
         self.log_dir = log_dir
         self.csv_path = Path(csv_path) if csv_path is not None else None
-        self._log = CsvLog(csv_path, append) if csv_path is not None else None
+        self._log = CsvLog(csv_path, append, step_column="iteration") if csv_path is not None else None
         self.rank = rank
         self.writer = None
         self.history: list[dict[str, float]] = []
@@ -87,7 +87,13 @@ class PerClassDiceLogger:
         from ignite.engine import Events
 
         self.evaluator.add_event_handler(Events.COMPLETED, lambda ev: self.log(trainer, ev))
+        trainer.add_event_handler(Events.STARTED, self._on_started)
         trainer.add_event_handler(Events.COMPLETED, self.close)
+
+    def _on_started(self, trainer) -> None:
+        # after the checkpoint handler's restore: rows past the resumed iteration would be logged twice
+        if self.rank == 0 and self._log is not None:
+            self._log.truncate_after("iteration", trainer.state.iteration)
 
     def per_class(self, evaluator) -> dict[str, float]:
         """``{class name: Dice}`` of the last validation (``nan`` for a class absent from every case)."""

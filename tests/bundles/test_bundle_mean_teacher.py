@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import types
 from pathlib import Path
 
@@ -106,6 +107,12 @@ def test_resume_restores_the_teacher_exactly(la_data, tmp_path):
     _workflow([BUNDLE, TINY], la_data, split, max_iterations=3, val_interval=3).run()
     saved = load_checkpoint(split / "last.pt")
     assert saved["progress"] == {"epoch": 1, "iteration": 3}
+    # an earlier continuation validated at iteration 6 and was killed before its next last.pt (Mean Teacher saves
+    # it every checkpoint_interval epochs): its row must not stay beside the resumed run's own row 6
+    with open(split / "val_metrics.csv", newline="") as f:
+        header, first = list(csv.reader(f))[:2]
+    with open(split / "val_metrics.csv", "a", newline="") as f:
+        csv.writer(f).writerow(["6", "2"] + ["0.123"] * (len(header) - 2))
 
     wf = _workflow([BUNDLE, TINY], la_data, split, max_iterations=6, val_interval=3, resume=True)
     trainer = wf.parser.get_parsed_content("train#trainer")
@@ -118,6 +125,10 @@ def test_resume_restores_the_teacher_exactly(la_data, tmp_path):
 
     wf.run()
     assert seen["iteration"] == 3
+    rows = ValidationLog.read(split / "val_metrics.csv")
+    assert [int(r["iteration"]) for r in rows] == [3, 6]  # resume appends to the first run's rows, once
+    assert rows[0]["val_mean_dice/student"] == pytest.approx(float(first[header.index("val_mean_dice/student")]))
+    assert rows[1]["val_mean_dice/student"] != pytest.approx(0.123)
     # validation at iteration 6 used the teacher's weights with re-estimated BatchNorm statistics
     teacher, teacher_eval = trainer.teacher, wf.parser.get_parsed_content("teacher_eval")
     for k, v in teacher.named_parameters():
@@ -133,8 +144,6 @@ def test_resume_restores_the_teacher_exactly(la_data, tmp_path):
         for k, v in a[key].items():
             torch.testing.assert_close(b[key][k], v, rtol=0, atol=0, msg=f"{key}: {k}")
     assert b["best_model"]["iteration"] in (3, 6) and a["best_model"] == b["best_model"]
-    rows = ValidationLog.read(split / "val_metrics.csv")
-    assert [int(r["iteration"]) for r in rows] == [3, 6]  # resume appends to the first run's rows
 
 
 def test_btcv_unetr_switch_with_pretrained_vit(ct_phantom, tmp_path):

@@ -16,6 +16,7 @@ from medssl.checkpoint import load_checkpoint
 from medssl.engines import utils
 from medssl.engines.handlers import (
     CheckpointHandler,
+    CsvLog,
     MetricHistory,
     capture_transform_rng,
     image_grid,
@@ -230,6 +231,52 @@ def test_metric_history_appends(tmp_path):
     assert len(MetricHistory.read(tmp_path / "m.csv")) == 3
     MetricHistory(tmp_path / "m.csv", ["val_l1"])(state)  # a new run starts it again
     assert MetricHistory.read(tmp_path / "m.csv") == [{"epoch": 3.0, "val_l1": 0.1}]
+
+
+def test_resumed_metric_history_drops_the_epochs_it_logs_again(tmp_path):
+    """Killed after validating epochs 1..4 but checkpointed at 2: the resumed run logs 3 and 4 again, once."""
+
+    def at(epoch, value):
+        return types.SimpleNamespace(state=types.SimpleNamespace(epoch=epoch, metrics={"val_l1": value}))
+
+    h = MetricHistory(tmp_path / "m.csv", ["val_l1"])
+    for epoch in (1, 2, 3, 4):
+        h(at(epoch, 1.0))
+    resumed = MetricHistory(tmp_path / "m.csv", ["val_l1"], append=True)
+    resumed(at(3, 0.5))
+    resumed(at(4, 0.25))
+    rows = MetricHistory.read(tmp_path / "m.csv")
+    assert [(r["epoch"], r["val_l1"]) for r in rows] == [(1, 1.0), (2, 1.0), (3, 0.5), (4, 0.25)]
+
+
+def test_csv_log_truncates_after_the_resumed_step(tmp_path):
+    log = CsvLog(tmp_path / "v.csv")
+    for it in (2, 4, 6, 8):
+        log.append(["iteration", "dice"], [it, it / 10])
+    resumed = CsvLog(tmp_path / "v.csv", append=True, step_column="iteration")
+    assert resumed.truncate_after("iteration", 4) == 2
+    assert [r["iteration"] for r in CsvLog.read(tmp_path / "v.csv")] == [2, 4]
+    resumed.append(["iteration", "dice"], [4, 0.9])  # a validation at start of the resumed run: replaces row 4
+    resumed.append(["iteration", "dice"], [6, 0.7])
+    rows = CsvLog.read(tmp_path / "v.csv")
+    assert [(r["iteration"], r["dice"]) for r in rows] == [(2, 0.2), (4, 0.9), (6, 0.7)]
+    assert CsvLog(tmp_path / "v.csv").truncate_after("iteration", 0) == 0  # a fresh log is not edited
+
+
+def test_per_class_dice_logger_truncates_at_the_restored_iteration(tmp_path):
+    from medssl.engines.seg_handlers import PerClassDiceLogger
+
+    path = tmp_path / "val.csv"
+    CsvLog(path).append(["iteration", "epoch", "val_mean_dice"], [2, 1, 0.1])
+    CsvLog(path, append=True).append(["iteration", "epoch", "val_mean_dice"], [4, 2, 0.2])
+    CsvLog(path, append=True).append(["iteration", "epoch", "val_mean_dice"], [6, 3, 0.3])
+    logger = PerClassDiceLogger(FakeEvaluator({}), {0: "bg", 1: "organ"}, csv_path=path, append=True)
+    trainer = Engine(lambda e, x: None)
+    trainer.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "iteration", 2))  # the restore
+    logger.attach(trainer)
+    trainer.add_event_handler(Events.STARTED, lambda e: e.terminate())
+    trainer.run([0], max_epochs=1)
+    assert [r["iteration"] for r in CsvLog.read(path)] == [2]
 
 
 def test_image_grid_layout_and_scaling(tmp_path):
