@@ -302,4 +302,4 @@ def test_check_cli_refuses_a_duplicated_case_with_exit_2(tmp_path, capsys):
 def test_same_image_in_training_and_unlabeled_is_allowed(tmp_path):
     # SSL may use a labeled image as unlabeled data too: that is no leakage into validation
     path = _rewrite(_dataset(tmp_path), lambda dl: dl["unlabeled"].append("imagesTr/c0.nii.gz"))
-    assert "OK" in check_datalist(path)
+    assert "unlabeled: 2 items (0 with label)" in check_datalist(path)
