@@ -44,6 +44,7 @@ __all__ = [
     "save_image_grid",
     "ImageGridSaver",
     "TensorBoardImageGrid",
+    "RunTensorBoard",
     "ProgressBar",
     "random_transforms",
     "capture_transform_rng",
@@ -647,6 +648,37 @@ class ImageGridSaver:
             rows = {n: _first_item(data[k]) for n, k in zip(self.names, self.keys)}
         save_image_grid(self.path, rows, self.num_slices)
         self._done = True
+
+
+class RunTensorBoard:
+    """The run's one TensorBoard writer, shared by every handler that logs to TensorBoard, closed at the end.
+
+    One writer means one event file per run (per process) instead of one per handler. Handlers take
+    ``summary_writer: "$@tensorboard.writer"``; list the object itself in the trainer's handlers so that it
+    closes the writer when the run completes, after every other ``COMPLETED`` handler.
+
+    Args:
+        log_dir: TensorBoard folder (the run's ``output_dir``).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = Path(log_dir)
+        self._writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    @property
+    def writer(self) -> Any:
+        return self._writer
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        # registered at run start, i.e. after the COMPLETED handlers attached at build time, which may still log
+        engine.add_event_handler(Events.STARTED, lambda e: e.add_event_handler(Events.COMPLETED, self.close))
+
+    def close(self, engine=None) -> None:
+        self._writer.close()
 
 
 class TensorBoardImageGrid:

@@ -215,6 +215,7 @@ class ValidationLog:
         log_dir: TensorBoard folder (``None``: no TensorBoard).
         csv_path: CSV file (``None``: no CSV).
         append: keep an earlier run's rows (pass the bundle's ``resume``); otherwise the file starts afresh.
+        summary_writer: the run's shared TensorBoard writer (instead of ``log_dir``; not closed here).
         rank: only rank 0 writes.
     """
 
@@ -227,6 +228,7 @@ class ValidationLog:
         csv_path: str | os.PathLike | None = None,
         append: bool = False,
         rank: int = 0,
+        summary_writer: Any = None,
     ) -> None:
         if not evaluators:
             raise ValueError("evaluators must name at least one evaluator")
@@ -238,7 +240,9 @@ class ValidationLog:
         self.rank = int(rank)
         self.columns = [f"{m}/{n}" for n in self.evaluators for m in self.metric_names]
         self._trainer = None
-        self._writer = None
+        # a shared writer (the run's one, see medssl.engines.handlers.RunTensorBoard) is closed by its owner
+        self._writer = summary_writer
+        self._own_writer = summary_writer is None
         self._row: dict[str, float] = {}
 
     def attach(self, engine) -> None:
@@ -262,7 +266,7 @@ class ValidationLog:
         values = {
             f"{m}/{name}": float(evaluator.state.metrics[m]) for m in self.metric_names if m in evaluator.state.metrics
         }
-        if self.log_dir is not None:
+        if self.log_dir is not None or self._writer is not None:
             if self._writer is None:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -282,7 +286,7 @@ class ValidationLog:
             )
 
     def close(self, engine=None) -> None:
-        if self._writer is not None:
+        if self._writer is not None and self._own_writer:
             self._writer.close()
             self._writer = None
 

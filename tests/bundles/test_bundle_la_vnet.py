@@ -56,6 +56,8 @@ def test_model_is_self_describing_and_rebuilds(tiny_run):
 
 
 def test_lr_steps_and_loss_decreases(tiny_run):
+    # one TensorBoard writer per run: training scalars and per-class Dice share one event file
+    assert len(list(tiny_run.glob("events.out.tfevents.*"))) == 1
     tb = tensorboard_scalars(tiny_run)
     assert [round(v, 8) for _, v in tb["lr"]] == [0.01, 0.01, 0.001, 0.001, 0.0001]
     losses = [v for _, v in tb["loss"]]
