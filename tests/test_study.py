@@ -179,7 +179,8 @@ def test_rerun_with_other_settings_is_refused_naming_cell_and_keys(tmp_path, mon
         kw["overrides"] = {"roi_size": [16, 16, 16]}
     elif change == "datalist":
         dl = json.loads(datalist.read_text())
-        dl["validation"][0]["image"] = "img0.nii.gz"
+        dl["unlabeled"] = [{"image": "u.nii.gz"}]  # the cell's unlabeled pool changes
+        (tmp_path / "u.nii.gz").write_bytes(b"")
         datalist.write_text(json.dumps(dl))
     else:
         kw["val_interval"] = 2

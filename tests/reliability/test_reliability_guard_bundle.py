@@ -115,8 +115,11 @@ def test_every_training_bundle_hands_the_nan_guard_to_its_trainer(name, overlays
     handlers = parser["train"]["trainer"]["train_handlers"]
     # the trainer takes @train#handlers, directly or through main_process_only (which keeps the guard on every rank)
     assert handlers in ("@train#handlers", "$medssl.engines.distributed.main_process_only(@train#handlers)"), handlers
-    targets = [h.get("_target_") for h in parser["train"]["handlers"] if isinstance(h, dict)]
+    targets = [h.get("_target_") if isinstance(h, dict) else h for h in parser["train"]["handlers"]]
     assert GUARD in parser["train"]["handlers"], f"{name}: no NonFiniteLossGuard in train#handlers {targets}"
+    # the guard sits right before the checkpoint handler, so on any shared event it fires before a save
+    guard = targets.index(GUARD["_target_"])
+    assert targets[guard + 1] == "medssl.engines.handlers.CheckpointHandler", targets
     from medssl.engines.guards import NonFiniteLossGuard
 
     assert not issubclass(NonFiniteLossGuard, output_handler_types())
