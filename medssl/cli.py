@@ -37,7 +37,13 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     from medssl.data.phantoms import generate_phantom_dataset
 
     datalist = generate_phantom_dataset(
-        args.kind, args.out, cases=args.cases, unlabeled=args.unlabeled, seed=args.seed, shape=args.shape
+        args.kind,
+        args.out,
+        cases=args.cases,
+        unlabeled=args.unlabeled,
+        seed=args.seed,
+        shape=args.shape,
+        organs=args.organs,
     )
     print(datalist)
     return 0
@@ -134,6 +140,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
         "overlays": args.overlay,
         "device": args.device,
         "precision": args.precision,
+        "val_interval": args.val_interval,
+        "jobs": args.jobs,
+        "threads": args.threads,
         "redo_changed": args.redo_changed,
     }
     if args.config:
@@ -178,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", type=int, default=4, help="unlabeled cases (default: 4)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="volume shape in voxels")
+    p.add_argument(
+        "--organs",
+        nargs="+",
+        metavar="ORGAN",
+        help="ct-abdomen: label only these organs (BTCV names with _ for spaces, or 1-13), renumbered 1..K; "
+        "the others become background (default: all 13)",
+    )
 
     p = _add(
         sub,
@@ -289,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", nargs="+", default=None, help="bundle overlays for every run, e.g. bundles/tiny.yaml")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: auto)")
     p.add_argument("--precision", choices=["bf16", "fp32", "amp"], default=None, help="default: bf16")
+    p.add_argument("--val-interval", type=int, default=None, help="validation interval (default: the bundles')")
+    p.add_argument("--jobs", type=int, default=None, help="cells trained at once, one process each (default: 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: CPU count / jobs)")
     p.add_argument("--out", default=None, help="output folder; rerunning resumes it")
     p.add_argument(
         "--redo-changed",

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 
-__all__ = ["MedsslError", "DataError", "CheckpointError", "ConfigError", "ErrorList"]
+__all__ = [
+    "MedsslError",
+    "DataError",
+    "CheckpointError",
+    "ConfigError",
+    "ResourceError",
+    "ErrorList",
+    "is_out_of_memory",
+    "attempted_allocation",
+]
 
 
 class MedsslError(Exception):
@@ -36,6 +46,11 @@ class ConfigError(MedsslError, ValueError):
     """A configuration value is invalid (the path is the config id)."""
 
 
+class ResourceError(MedsslError, MemoryError):
+    """The machine (CPU RAM or accelerator memory) cannot hold what a command attempted; the message says what
+    was attempted and which option lowers it."""
+
+
 class ErrorList(MedsslError):
     """Several independent problems found in one pass, reported together (one per line)."""
 
@@ -44,3 +59,23 @@ class ErrorList(MedsslError):
             raise ValueError("ErrorList needs at least one error")
         self.errors = list(errors)
         super().__init__(None, "\n".join(str(e) for e in self.errors))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure: ``MemoryError``, ``torch.OutOfMemoryError`` (CUDA) or the
+    ``RuntimeError`` of torch's CPU allocator ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def attempted_allocation(error: BaseException) -> str | None:
+    """The size of the failed allocation as the allocator states it, in GiB for the CPU allocator's bytes."""
+    found = re.search(r"[Tt]ried to allocate (\d[\d.]* ?(?:[KMGT]i?B|bytes))", str(error))
+    if not found:
+        return None
+    text = found.group(1)
+    if text.endswith("bytes"):
+        return f"{int(text.split()[0]) / 2**30:.2f} GiB"
+    return text

@@ -43,22 +43,24 @@ def export_torchscript(checkpoint: str | os.PathLike, output: str | os.PathLike)
         ``output``.
 
     Raises:
-        CheckpointError: unreadable checkpoint, no roi size, ``output`` equal to ``checkpoint``, or a network
-            that cannot be traced.
+        CheckpointError: unreadable checkpoint, a refused network config
+            (:func:`medssl.checkpoint.check_network_config`), no roi size, ``output`` equal to ``checkpoint``, or a
+            network that cannot be traced.
 
     Example::
 
         export_torchscript("runs/btcv/model.pt", "runs/btcv/model.ts")
         net = torch.jit.load("runs/btcv/model.ts", _extra_files=(extra := {"medssl.json": ""}))
     """
-    from medssl.checkpoint import build_network, load_checkpoint
+    from medssl.checkpoint import build_network, check_network_config, load_checkpoint
 
     checkpoint, output = Path(checkpoint), Path(output)
     if output.resolve() == checkpoint.resolve():
         raise CheckpointError(output, "refusing to overwrite the checkpoint with its export")
     ckpt = load_checkpoint(checkpoint)
+    check_network_config(ckpt["network"], checkpoint)  # before any of it is read
     roi = _roi_size(ckpt, checkpoint)
-    net = build_network(ckpt).eval()
+    net = build_network(ckpt, where=checkpoint).eval()
     in_channels = int(ckpt["network"].get("in_channels", 1))
     example = torch.zeros((1, in_channels, *roi))
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from medssl.errors import ConfigError
 
-__all__ = ["HOME_ENV", "bundles_dir", "project_home", "splits_dir"]
+__all__ = ["HOME_ENV", "assets_dir", "bundles_dir", "project_home", "splits_dir"]
 
 HOME_ENV = "MEDSSL_HOME"
 
@@ -58,3 +58,8 @@ def bundles_dir() -> Path:
 def splits_dir() -> Path:
     """``json_splits/`` of the medssl home."""
     return project_home("json_splits") / "json_splits"
+
+
+def assets_dir() -> Path:
+    """``assets/`` of the medssl home: small checkpoints made by ``make assets`` (see :mod:`medssl.assets`)."""
+    return project_home("assets") / "assets"

@@ -32,12 +32,15 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -100,6 +103,9 @@ class StudyConfig:
         val_interval: validation interval (iterations) of the study's training runs; default: the bundles'.
         device / precision: passed to the bundles and to inference.
         bundles_dir: where the bundle files are (default: the checkout's ``bundles/``).
+        jobs: cells trained at once, each in its own process (on a CPU, small networks run faster as N
+            one-thread processes than as one N-thread process); 1 = one after another.
+        threads: torch threads per cell process (``OMP_NUM_THREADS``); default: the CPU count divided by ``jobs``.
         redo_changed: recompute the cells whose settings differ from those they were computed with (default:
             refuse to mix them, see :mod:`medssl.study_fingerprint`).
     """
@@ -120,6 +126,8 @@ class StudyConfig:
     device: str = "auto"
     precision: str = "bf16"
     bundles_dir: str | None = None
+    jobs: int = 1
+    threads: int | None = None
     redo_changed: bool = False
 
     @classmethod
@@ -190,12 +198,15 @@ def _bundle_command(files: Sequence[Path], overrides: Mapping[str, Any]) -> list
     return cmd
 
 
-def _run_logged(cmd: Sequence[str], log_path: Path, what: str) -> None:
+def _run_logged(cmd: Sequence[str], log_path: Path, what: str, threads: int | None = None) -> None:
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(int(threads))
     with open(log_path, "a", encoding="utf-8") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
         raise MedsslError(log_path, f"{what} failed (exit {proc.returncode}): {' | '.join(tail)[-400:]}")
@@ -222,9 +233,13 @@ def _pretrained_checkpoint(cfg: StudyConfig, bundles: Path, base_overrides: Mapp
         files = [Path(p).resolve() for p in cfg.pretrain_bundle] + [Path(p).resolve() for p in cfg.overlays]
         overrides = {**base_overrides, "output_dir": str(run_dir), "resume": "true"}
         print(f"pretraining the ViT with {', '.join(p.name for p in files)} → {ckpt}", flush=True)
-        _run_logged(_bundle_command(files, overrides), run_dir / "run.log", "SSL pretraining")
+        _run_logged(_bundle_command(files, overrides), run_dir / "run.log", "SSL pretraining", _threads(cfg, 1))
         _mark(run_dir / "done.json", {"checkpoint": str(ckpt)})
     return str(ckpt)
+
+
+# evaluation runs in this process: one cell at a time, so parallel cells do not oversubscribe the cores
+_EVAL_LOCK = threading.Lock()
 
 
 def _evaluate_cell(cell_dir: Path, datalist_path: Path, cfg: StudyConfig) -> list[dict[str, str]]:
@@ -232,11 +247,55 @@ def _evaluate_cell(cell_dir: Path, datalist_path: Path, cfg: StudyConfig) -> lis
     from medssl.metrics import evaluate_folder
 
     items = json.loads(datalist_path.read_text(encoding="utf-8"))["validation"]
-    predictor = Predictor(cell_dir / "model.pt", device=cfg.device, precision=cfg.precision, progress=False)
-    predictor.predict_paths([it["image"] for it in items], cell_dir / "pred")
-    evaluate_folder(cell_dir / "pred", datalist_path, cell_dir / "metrics.csv", key="validation")
+    with _EVAL_LOCK:
+        predictor = Predictor(cell_dir / "model.pt", device=cfg.device, precision=cfg.precision, progress=False)
+        predictor.predict_paths([it["image"] for it in items], cell_dir / "pred")
+        evaluate_folder(cell_dir / "pred", datalist_path, cell_dir / "metrics.csv", key="validation")
     with open(cell_dir / "metrics.csv", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+def _threads(cfg: StudyConfig, jobs: int | None = None) -> int:
+    """torch threads of one bundle process: ``cfg.threads``, else the cores shared by the concurrent jobs."""
+    if cfg.threads:
+        return int(cfg.threads)
+    return max(1, (os.cpu_count() or 1) // max(1, int(jobs if jobs is not None else cfg.jobs)))
+
+
+def _last_progress(log_path: Path) -> str | None:
+    """The newest ``medssl-progress`` line of a running cell's log (see ``medssl.engines.handlers.ProgressBar``)."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    lines = [ln for ln in tail.splitlines() if ln.startswith("medssl-progress ")]
+    return lines[-1][len("medssl-progress ") :].strip() if lines else None
+
+
+class _LiveProgress:
+    """Prints the running cells' training progress every ``interval`` seconds until stopped."""
+
+    def __init__(self, running: dict[str, Path], lock: threading.Lock, interval: float = 20.0) -> None:
+        self.running, self.lock, self.interval = running, lock, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> _LiveProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self.lock:
+                parts = [f"{tag} {_last_progress(log) or 'starting'}" for tag, log in self.running.items()]
+                if parts:
+                    print("   running: " + " | ".join(parts), flush=True)
 
 
 def _fmt_seconds(s: float) -> str:
@@ -338,53 +397,88 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
         pre_overrides = {**common, "datalist": str(dl.path), "dataset_dir": str(dl.dataset_dir)}
         pretrained = _pretrained_checkpoint(cfg, bundles, pre_overrides, out)
 
-    rows: list[dict[str, Any]] = []
+    jobs = max(1, int(cfg.jobs))
+    threads = _threads(cfg, jobs)
+    lock = threading.Lock()
+    running: dict[str, Path] = {}
     durations: list[float] = []
+    results: dict[tuple[str, int, int], list[dict[str, str]]] = {}
     start = time.perf_counter()
-    for k, (method, n, seed) in enumerate(cells, 1):
-        cell_dir = out / "cells" / f"{method}_n{n}_seed{seed}"
-        done = cell_dir / "done.json"
+
+    def cell_dir_of(method: str, n: int, seed: int) -> Path:
+        return out / "cells" / f"{method}_n{n}_seed{seed}"
+
+    def run_cell(k: int, method: str, n: int, seed: int) -> None:
+        cell_dir = cell_dir_of(method, n, seed)
         tag = f"[{k}/{len(cells)}] {method} n={n} seed={seed}"
-        if done.is_file():
-            cell_rows = json.loads(done.read_text(encoding="utf-8"))["rows"]
-            print(f"{tag}: finished earlier, skipped", flush=True)
-        else:
-            t0 = time.perf_counter()
-            datalist_path = cell_dir / "datalist.json"
-            _mark(datalist_path, cell_datalist(base, subsets[seed][n], dl.labels))
-            if not (cell_dir / "trained.json").is_file():
-                files = [bundles / f for f in BUNDLES[(task, _STAGE[method])]]
-                files += [Path(p).resolve() for p in cfg.overlays]
-                overrides = {
-                    **common,
-                    "datalist": str(datalist_path),
-                    "dataset_dir": str(cell_dir),
-                    "output_dir": str(cell_dir),
-                    "seed": int(seed),
-                    "max_iterations": int(cfg.budget),
-                    "pretrained_ckpt": pretrained if method.startswith("pretrained") else None,
-                    "resume": "true",  # a killed cell continues from its last.pt
-                }
-                if cfg.val_interval is not None:
-                    overrides["val_interval"] = int(cfg.val_interval)
-                _run_logged(_bundle_command(files, overrides), cell_dir / "train.log", f"training cell {tag}")
-                _mark(cell_dir / "trained.json", {"budget": int(cfg.budget)})
-            cell_rows = _evaluate_cell(cell_dir, datalist_path, cfg)
-            _mark(done, {"rows": cell_rows})
+        t0 = time.perf_counter()
+        datalist_path = cell_dir / "datalist.json"
+        _mark(datalist_path, cell_datalist(base, subsets[seed][n], dl.labels))
+        if not (cell_dir / "trained.json").is_file():
+            files = [bundles / f for f in BUNDLES[(task, _STAGE[method])]]
+            files += [Path(p).resolve() for p in cfg.overlays]
+            overrides = {
+                **common,
+                "datalist": str(datalist_path),
+                "dataset_dir": str(cell_dir),
+                "output_dir": str(cell_dir),
+                "seed": int(seed),
+                "max_iterations": int(cfg.budget),
+                "pretrained_ckpt": pretrained if method.startswith("pretrained") else None,
+                "resume": "true",  # a killed cell continues from its last.pt
+            }
+            if cfg.val_interval is not None:
+                overrides["val_interval"] = int(cfg.val_interval)
+            with lock:
+                running[tag] = cell_dir / "train.log"
+                print(f"{tag}: training ({threads} thread(s))", flush=True)
+            try:
+                _run_logged(_bundle_command(files, overrides), cell_dir / "train.log", f"training cell {tag}", threads)
+            finally:
+                with lock:
+                    running.pop(tag, None)
+            _mark(cell_dir / "trained.json", {"budget": int(cfg.budget)})
+        cell_rows = _evaluate_cell(cell_dir, datalist_path, cfg)
+        _mark(cell_dir / "done.json", {"rows": cell_rows})
+        with lock:
+            results[(method, n, seed)] = cell_rows
             durations.append(time.perf_counter() - t0)
+            left = sum(1 for c in cells if c not in results)
+            # cells run `jobs` at a time: the time left is the median cell time per wave of jobs
+            remaining = statistics.median(durations) * math.ceil(left / jobs)
             dice = float(np.mean([float(r["dice"]) for r in cell_rows]))
-            remaining = statistics.median(durations) * sum(
-                1 for m, nn, s in cells[k:] if not (out / "cells" / f"{m}_n{nn}_seed{s}" / "done.json").is_file()
-            )
             print(
                 f"{tag}: mean Dice {dice:.3f} in {_fmt_seconds(durations[-1])} | elapsed "
                 f"{_fmt_seconds(time.perf_counter() - start)} | ~{_fmt_seconds(remaining)} left",
                 flush=True,
             )
-        rows += [
-            {"method": method, "labeled": n, "seed": seed, **{c: r[c] for c in RESULT_COLUMNS[3:]}} for r in cell_rows
-        ]
 
+    pending = []
+    for k, (method, n, seed) in enumerate(cells, 1):
+        done = cell_dir_of(method, n, seed) / "done.json"
+        if done.is_file():
+            results[(method, n, seed)] = json.loads(done.read_text(encoding="utf-8"))["rows"]
+            print(f"[{k}/{len(cells)}] {method} n={n} seed={seed}: finished earlier, skipped", flush=True)
+        else:
+            pending.append((k, method, n, seed))
+    if pending:
+        with _LiveProgress(running, lock), ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(run_cell, *cell) for cell in pending]
+            errors = []
+            for future in futures:
+                try:
+                    future.result()
+                except MedsslError as e:  # the other cells still finish; the first failure is raised after
+                    errors.append(e)
+            if errors:
+                raise errors[0]
+
+    rows: list[dict[str, Any]] = []
+    for method, n, seed in cells:
+        rows += [
+            {"method": method, "labeled": n, "seed": seed, **{c: r[c] for c in RESULT_COLUMNS[3:]}}
+            for r in results[(method, n, seed)]
+        ]
     return write_results(rows, out, methods=cfg.methods, counts=sorted(cfg.labeled))
 
 

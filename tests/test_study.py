@@ -117,7 +117,7 @@ def _fake_runs(monkeypatch, dice=0.5):
     """Replace training and evaluation by stubs; returns the list of trainings run (their ``what``)."""
     ran = []
 
-    def fake_run(cmd, log_path, what):
+    def fake_run(cmd, log_path, what, threads=None):
         ran.append(what)
         (log_path.parent / "model.pt").write_bytes(b"")
 
@@ -138,7 +138,7 @@ def test_resume_skips_finished_cells(tmp_path, monkeypatch):
     assert ran == ["training cell [1/1] scratch n=1 seed=0"]
     ran.clear()
     _fake_runs(monkeypatch, dice=0.5)
-    monkeypatch.setattr("medssl.study._run_logged", lambda cmd, log_path, what: ran.append(what))
+    monkeypatch.setattr("medssl.study._run_logged", lambda cmd, log_path, what, threads=None: ran.append(what))
     # the n=1 cell finished earlier: only the new n=2 cell may run, and n=1 keeps its earlier result (30 %)
     cfg = StudyConfig(datalist=str(datalist), out=str(out), labeled=[1, 2], methods=["scratch"], seeds=1, budget=3)
     paths = run_study(cfg)

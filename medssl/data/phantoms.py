@@ -49,6 +49,7 @@ __all__ = [
     "generate_phantom_dataset",
     "ensure_phantom",
     "intensity_threshold_baseline",
+    "organ_subset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -605,13 +606,50 @@ def _n_validation(cases: int) -> int:
     return max(1, int(round(0.2 * cases)))
 
 
-def _write_ct(tmp: Path, seed: int, cases: int, unlabeled: int, shape) -> dict:
+def organ_subset(organs: Sequence[str | int] | None) -> dict[int, str]:
+    """The BTCV labels kept by a phantom with ``organs`` (names or BTCV indices), renumbered ``1..K`` in BTCV order.
+
+    ``None`` keeps all 13 organs with their BTCV numbers.
+
+    Raises:
+        ConfigError: an unknown organ, a duplicate, or background.
+    """
+    if organs is None:
+        return dict(BTCV_LABELS)
+    by_name = {name: k for k, name in BTCV_LABELS.items() if k}
+    chosen = []
+    for organ in organs:
+        text = str(organ).strip().lower().replace("_", " ")
+        k = int(text) if text.isdigit() else by_name.get(text)
+        if k not in BTCV_LABELS or k == 0:
+            raise ConfigError("organs", f"unknown organ {organ!r} (use BTCV names or 1-13: {', '.join(by_name)})")
+        if k in chosen:
+            raise ConfigError("organs", f"organ {organ!r} is listed twice")
+        chosen.append(k)
+    if not chosen:
+        raise ConfigError("organs", "needs at least one organ")
+    return {0: "background", **{i: BTCV_LABELS[k] for i, k in enumerate(sorted(chosen), 1)}}
+
+
+def _organ_lut(labels: Mapping[int, str]) -> np.ndarray:
+    """BTCV label -> kept label (0 for organs that are left out, which then count as background)."""
+    index = {name: k for k, name in BTCV_LABELS.items()}
+    lut = np.zeros(256, dtype=np.uint8)
+    for k, name in labels.items():
+        lut[index[name]] = k
+    return lut
+
+
+def _write_ct(tmp: Path, seed: int, cases: int, unlabeled: int, shape, organs=None) -> dict:
     for sub in ("imagesTr", "labelsTr", "imagesUn"):
         (tmp / sub).mkdir()
+    labels = organ_subset(organs)
+    lut = _organ_lut(labels)
     labeled, unlabeled_items, spacings = [], [], []
     for i in range(cases + unlabeled):
         start = time.perf_counter()
         image, label, affine = make_ct_abdomen(seed, shape, case=i)
+        label = lut[label]
         name = f"ct_{i:04d}.nii.gz"
         if i < cases:
             _write_nifti(tmp / "imagesTr" / name, image, affine)
@@ -629,7 +667,7 @@ def _write_ct(tmp: Path, seed: int, cases: int, unlabeled: int, shape) -> dict:
         "description": f"medssl phantom ct-abdomen (synthetic contrast CT with the 13 BTCV organs), seed {seed}",
         "modality": {"0": "CT"},
         "tensorImageSize": "3D",
-        "labels": {str(k): v for k, v in BTCV_LABELS.items()},
+        "labels": {str(k): v for k, v in labels.items()},
         "spacing": (
             "varies per case (read each header): in-plane 0.6-0.9 mm, slices 2.5-5 mm; this dataset "
             f"{spacings[:, 0].min():.3f}-{spacings[:, 0].max():.3f} mm in-plane, "
@@ -644,7 +682,7 @@ def _write_ct(tmp: Path, seed: int, cases: int, unlabeled: int, shape) -> dict:
     }
 
 
-def _write_la(tmp: Path, seed: int, cases: int, unlabeled: int, shape) -> dict:
+def _write_la(tmp: Path, seed: int, cases: int, unlabeled: int, shape, organs=None) -> dict:
     from medssl.data.prepare import prepare_la2018
 
     ids = [la_case_id(seed, i) for i in range(cases + unlabeled)]
@@ -676,9 +714,14 @@ def _check_out_dir(out: Path) -> None:
         raise DataError(out, "exists and is not empty; choose a new or empty output folder")
 
 
-def _generate(kind, out_dir, cases, unlabeled, seed, shape, *, concurrent_ok: bool) -> Path:
+def _generate(kind, out_dir, cases, unlabeled, seed, shape, *, concurrent_ok: bool, organs=None) -> Path:
     if kind not in PHANTOM_KINDS:
         raise ConfigError("kind", f"must be one of {', '.join(PHANTOM_KINDS)}, got {kind!r}")
+    if organs is not None:
+        if kind != "ct-abdomen":
+            raise ConfigError("organs", f"only the ct-abdomen phantom has an organ set, not {kind}")
+        kept = organ_subset(organs)  # validated before anything is written
+        organs = [name for k, name in kept.items() if k]
     if isinstance(cases, bool) or not isinstance(cases, (int, np.integer)) or cases < 2:
         raise ConfigError("cases", f"needs at least 2 labeled cases (training + validation), got {cases!r}")
     if isinstance(unlabeled, bool) or not isinstance(unlabeled, (int, np.integer)) or unlabeled < 0:
@@ -698,9 +741,11 @@ def _generate(kind, out_dir, cases, unlabeled, seed, shape, *, concurrent_ok: bo
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         writer = _write_ct if kind == "ct-abdomen" else _write_la
-        data = writer(tmp, seed, int(cases), int(unlabeled), shape)
+        data = writer(tmp, seed, int(cases), int(unlabeled), shape, organs)
         data["phantom"] = {"kind": kind, "seed": seed, "cases": int(cases), "unlabeled": int(unlabeled),
                            "shape": list(shape)}  # fmt: skip
+        if organs is not None:
+            data["phantom"]["organs"] = organs
         (tmp / DATALIST_NAME).write_text(json.dumps(data, indent=2) + "\n")
         try:
             os.replace(tmp, out)  # atomic; replaces ``out`` only when it is an empty folder
@@ -726,6 +771,7 @@ def generate_phantom_dataset(
     unlabeled: int = 4,
     seed: int = 0,
     shape: Sequence[int] | None = None,
+    organs: Sequence[str | int] | None = None,
 ) -> Path:
     """Write a phantom dataset and its Decathlon datalist (``medssl phantom``).
 
@@ -743,6 +789,8 @@ def generate_phantom_dataset(
         unlabeled: unlabeled cases.
         seed: non-negative seed; case ``i`` uses the generator seeded with ``(seed, i)``.
         shape: ``(x, y, z)`` voxels; default :data:`CT_DEFAULT_SHAPE` or :data:`LA_DEFAULT_SHAPE`.
+        organs: ``ct-abdomen`` only: the organs to label (names or BTCV indices), renumbered ``1..K`` in BTCV
+            order; the others stay in the image and become background (see :func:`organ_subset`). Default: all 13.
 
     Returns:
         Path of ``out_dir/datalist.json``.
@@ -756,7 +804,7 @@ def generate_phantom_dataset(
 
         datalist = generate_phantom_dataset("ct-abdomen", "data/ct_phantom", cases=6, unlabeled=4)
     """
-    return _generate(kind, out_dir, cases, unlabeled, seed, shape, concurrent_ok=False)
+    return _generate(kind, out_dir, cases, unlabeled, seed, shape, concurrent_ok=False, organs=organs)
 
 
 def ensure_phantom(kind: str, out_dir: str | os.PathLike, **kwargs) -> Path:
@@ -769,7 +817,7 @@ def ensure_phantom(kind: str, out_dir: str | os.PathLike, **kwargs) -> Path:
     Args:
         kind: ``"ct-abdomen"`` or ``"la-mri"``.
         out_dir: the dataset folder.
-        kwargs: ``cases``, ``unlabeled``, ``seed``, ``shape`` as in :func:`generate_phantom_dataset`.
+        kwargs: ``cases``, ``unlabeled``, ``seed``, ``shape``, ``organs`` as in :func:`generate_phantom_dataset`.
 
     Raises:
         DataError: ``out_dir`` exists, is not empty and holds no ``datalist.json``.
@@ -780,12 +828,12 @@ def ensure_phantom(kind: str, out_dir: str | os.PathLike, **kwargs) -> Path:
         _warn_if_different(datalist, kind, kwargs)
         return datalist
     logger.info("no %s in %s: generating the %s phantom", DATALIST_NAME, out, kind)
-    params = {"cases": 6, "unlabeled": 4, "seed": 0, "shape": None, **kwargs}
-    unknown = set(params) - {"cases", "unlabeled", "seed", "shape"}
+    params = {"cases": 6, "unlabeled": 4, "seed": 0, "shape": None, "organs": None, **kwargs}
+    unknown = set(params) - {"cases", "unlabeled", "seed", "shape", "organs"}
     if unknown:
         raise TypeError(f"ensure_phantom() got unexpected keyword arguments {sorted(unknown)}")
     return _generate(kind, out, params["cases"], params["unlabeled"], params["seed"], params["shape"],
-                     concurrent_ok=True)  # fmt: skip
+                     concurrent_ok=True, organs=params["organs"])  # fmt: skip
 
 
 def _warn_if_different(datalist: Path, kind: str, kwargs: Mapping) -> None:
@@ -794,6 +842,8 @@ def _warn_if_different(datalist: Path, kind: str, kwargs: Mapping) -> None:
     except (OSError, ValueError):
         return  # the datalist validator reports unreadable files with their reason
     wanted = {"kind": kind, **{k: list(v) if k == "shape" and v is not None else v for k, v in kwargs.items()}}
+    if wanted.get("organs") is not None:
+        wanted["organs"] = [name for k, name in organ_subset(wanted["organs"]).items() if k]
     differ = {k: (recorded.get(k), v) for k, v in wanted.items() if v is not None and recorded.get(k) != v}
     if differ:
         logger.warning("%s: reusing the existing phantom although its parameters differ (recorded, requested): %s",

@@ -33,7 +33,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from medssl.errors import CheckpointError, ConfigError, DataError, ErrorList, MedsslError
+from medssl.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ErrorList,
+    MedsslError,
+    ResourceError,
+    attempted_allocation,
+    is_out_of_memory,
+)
 from medssl.inference.grid import (
     axis_map,
     labels_to_input_grid,
@@ -147,9 +156,11 @@ class Predictor:
         memory_limit: bytes the estimate must fit in (default: the available memory reported by the OS).
 
     Raises:
-        CheckpointError: the checkpoint cannot be read, is not a segmentation model, or lacks preprocessing
-            or roi size.
+        CheckpointError: the checkpoint cannot be read, its network config is refused (not an allowed class
+            with literal arguments: :func:`medssl.checkpoint.check_network_config`, checked before anything is
+            built), it is not a segmentation model, or lacks preprocessing or roi size.
         ConfigError: invalid device, precision, overlap, batch size or mode.
+        ResourceError: out of memory while building the network or moving it to ``device``.
 
     Example::
 
@@ -172,7 +183,7 @@ class Predictor:
         progress: bool = True,
         memory_limit: int | None = None,
     ):
-        from medssl.checkpoint import build_network, load_checkpoint
+        from medssl.checkpoint import build_network, check_network_config, load_checkpoint, out_of_memory_building
         from medssl.engines.utils import PRECISIONS, resolve_device
 
         if precision not in PRECISIONS:
@@ -188,6 +199,7 @@ class Predictor:
         self.model_path = None if isinstance(model, Mapping) else Path(model)
         ckpt = dict(model) if isinstance(model, Mapping) else load_checkpoint(model)
         where = self.model_path
+        target, _ = check_network_config(ckpt.get("network"), where)  # before any of it is read
         pre = dict(ckpt.get("preprocessing") or {})
         if not pre.get("intensity"):
             raise CheckpointError(where, "checkpoint has no 'preprocessing' summary; cannot preprocess like training")
@@ -219,12 +231,18 @@ class Predictor:
         self.interpolation = interpolation
         self.progress = bool(progress)
         self.memory_limit = memory_limit
+        network = build_network(ckpt, where=where)
+        oom = None
         try:
-            self.network = build_network(ckpt).to(self.device).eval()
-        except MedsslError:
-            raise
-        except Exception as e:  # wrong shapes, unknown arguments: the checkpoint does not describe its weights
-            raise CheckpointError(where, f"cannot rebuild the network: {str(e).splitlines()[0][:200]}") from e
+            self.network = network.to(self.device).eval()
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            n_values = sum(int(t.numel()) for t in network.parameters())
+            oom = out_of_memory_building(where, target, n_values, e, device=str(self.device))
+        if oom is not None:  # raised here, so the failed allocation's frames are freed
+            del network
+            raise oom
         self._bf16_network = self.device.type == "cpu" and precision == "bf16"
         if self._bf16_network:
             # CPU autocast re-casts activations around every norm layer (copies took ~40% of UNETR's time); a bf16
@@ -272,6 +290,26 @@ class Predictor:
             parts["probability output"] = c * n_in * 2 + 3 * n_in * 4
         return parts
 
+    def _out_of_memory_running(self, volume: Volume, error: BaseException, n_windows: int) -> ResourceError:
+        roi = "x".join(map(str, self.roi_size))
+        per_call = min(self.sw_batch_size, n_windows)
+        size = f"{per_call} window{'s' * (per_call != 1)} of {roi} voxels per call, {self.precision} on {self.device}"
+        attempted = attempted_allocation(error)
+        if attempted:
+            size += f"; tried to allocate {attempted}"
+        advice = []
+        if per_call > 1:
+            advice.append("lower --sw-batch-size")
+        if self.precision == "fp32":
+            advice.append("use --precision bf16 (CPU) / amp (CUDA)")
+        if self.device.type != "cpu":
+            advice.append("use --device cpu")
+        advice = ", or ".join(advice) if advice else "use a machine with more memory"
+        return ResourceError(
+            volume.path,
+            f"out of memory while running the network ({size}); {advice} (the window is the checkpoint's roi_size)",
+        )
+
     def _check_memory(self, volume: Volume) -> None:
         parts = self.estimate_memory(volume.data.shape[:3], volume.affine)
         total = sum(parts.values())
@@ -318,22 +356,32 @@ class Predictor:
         image, model_affine = self._preprocess(volume)
         amap = axis_map(model_affine, volume.affine)
         n_windows = count_windows(image.shape[1:], self.roi_size, self.overlap)
+        oom = None
         with tqdm(total=n_windows, desc=volume.path.name, unit="win", disable=not self.progress, leave=False) as bar:
-            labels_m, probs_m = sliding_window_segment(
-                image,
-                self.network,
-                self.roi_size,
-                sw_batch_size=self.sw_batch_size,
-                overlap=self.overlap,
-                mode=self.mode,
-                device=self.device,
-                autocast=contextlib.nullcontext() if self._bf16_network else autocast(self.device, self.precision),
-                input_dtype=torch.bfloat16 if self._bf16_network else torch.float32,
-                channels_last=self._bf16_network,
-                probabilities=self.probabilities or self.interpolation == "linear",
-                progress=bar.update,
-            )
+            try:
+                labels_m, probs_m = sliding_window_segment(
+                    image,
+                    self.network,
+                    self.roi_size,
+                    sw_batch_size=self.sw_batch_size,
+                    overlap=self.overlap,
+                    mode=self.mode,
+                    device=self.device,
+                    autocast=contextlib.nullcontext() if self._bf16_network else autocast(self.device, self.precision),
+                    input_dtype=torch.bfloat16 if self._bf16_network else torch.float32,
+                    channels_last=self._bf16_network,
+                    probabilities=self.probabilities or self.interpolation == "linear",
+                    progress=bar.update,
+                )
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                oom = self._out_of_memory_running(volume, e, n_windows)
         del image
+        if oom is not None:  # raised outside the handler: the failed call's activations are freed first
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise oom
         shape = volume.data.shape[:3]
         labels = labels_to_input_grid(labels_m.numpy(), amap, shape)
         if self.interpolation == "linear":
@@ -365,6 +413,8 @@ class Predictor:
         Raises:
             DataError: unreadable / not 3D / empty input, too large for memory, or an output that would
                 overwrite an input.
+            ResourceError: out of memory while running the network (the message gives the windows per call
+                and the options that lower it).
         """
         path = Path(path)
         outputs = self.output_paths(path, output_dir)
