@@ -22,7 +22,7 @@ import errno
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -34,6 +34,7 @@ except ImportError:  # Windows: no flock, so no automatic clean-up
 __all__ = [
     "atomic_save_figure",
     "atomic_write",
+    "atomic_write_all",
     "atomic_write_text",
     "remove_stale_temp_files",
     "TEMP_SUFFIX",
@@ -122,14 +123,8 @@ def remove_stale_temp_files(folder: str | os.PathLike, init_grace_s: float = INI
     return removed
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call ``write(binary_file)`` on a temporary file beside ``path``, fsync it, then ``os.replace`` it into place.
-
-    A kill at any moment leaves either the previous file or the complete new one, never a partial file. The
-    first write of a process into a folder removes the temporary files of dead writers there (see the module
-    docstring).
-    """
-    path = Path(path)
+def _prepare(path: Path, write: Callable[[BinaryIO], None]) -> tuple[int, str]:
+    """A locked, fsynced temporary file beside ``path`` holding ``write``'s output; returns (fd, temp name)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     folder = os.path.abspath(path.parent)
     if folder not in _swept:
@@ -149,21 +144,59 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             write(f)
             f.flush()
             os.fsync(fd)
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        os.close(fd)
         raise
-    finally:
-        os.close(fd)  # releases the lock, after the rename
+    return fd, tmp
+
+
+def _sync_folder(folder: Path) -> None:
     try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
+        dfd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
     except OSError:
         pass  # some file systems cannot fsync a directory; the file's data itself is synced
-    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(binary_file)`` on a temporary file beside ``path``, fsync it, then ``os.replace`` it into place.
+
+    A kill at any moment leaves either the previous file or the complete new one, never a partial file. The
+    first write of a process into a folder removes the temporary files of dead writers there (see the module
+    docstring). The file gets the mode a plain ``open()`` would give it (``0o666`` less the process umask).
+    """
+    return atomic_write_all({path: write})[0]
+
+
+def atomic_write_all(files: Mapping[str | os.PathLike, Callable[[BinaryIO], None]]) -> list[Path]:
+    """:func:`atomic_write` for several files that belong together: every file is written to its temporary
+    sibling first and only then are they all renamed into place, so an error while writing any of them (a bad
+    value, a full disk) leaves none of them changed. A kill between the renames can still leave some renamed.
+
+    Returns:
+        the paths, in the order given.
+    """
+    prepared: list[tuple[Path, int, str]] = []
+    try:
+        for path, write in files.items():
+            fd, tmp = _prepare(Path(path), write)
+            prepared.append((Path(path), fd, tmp))
+        for path, _, tmp in prepared:
+            os.replace(tmp, path)
+    except BaseException:
+        for _, _, tmp in prepared:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        for _, fd, _ in prepared:
+            os.close(fd)  # releases the lock, after the rename
+    for folder in {path.parent for path, _, _ in prepared}:
+        _sync_folder(folder)
+    return [path for path, _, _ in prepared]
 
 
 def atomic_save_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> Path:

@@ -143,6 +143,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         "val_interval": args.val_interval,
         "jobs": args.jobs,
         "threads": args.threads,
+        "redo_changed": args.redo_changed,
     }
     if args.config:
         cfg = StudyConfig.from_yaml(args.config, **cli)
@@ -308,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="cells trained at once, one process each (default: 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: CPU count / jobs)")
     p.add_argument("--out", default=None, help="output folder; rerunning resumes it")
+    p.add_argument(
+        "--redo-changed",
+        action="store_true",
+        default=None,
+        help="recompute the cells whose settings changed since they ran (default: refuse to mix settings)",
+    )
     return parser
 
 

@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from medssl.atomic import atomic_write_all
 from medssl.errors import DataError, ErrorList
 
 __all__ = ["METRICS", "COLUMNS", "evaluate_case", "evaluate_folder", "summarize", "binary_metrics"]
@@ -259,6 +259,11 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, title: str = "Segmentation m
     return "\n".join(lines) + "\n"
 
 
+def _bytes_writer(text: str):
+    data = text.encode("utf-8")
+    return lambda f: f.write(data)
+
+
 def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
@@ -266,23 +271,6 @@ def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
     for row in rows:
         writer.writerow({k: (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k]) for k in COLUMNS})
     return buf.getvalue()
-
-
-def _write_all_or_nothing(files: Mapping[Path, str]) -> None:
-    """Write every file to a temporary sibling first, then rename them all into place."""
-    temps: dict[Path, Path] = {}
-    try:
-        for path, text in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            temps[path] = Path(tmp)
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                f.write(text)
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------ folder
@@ -369,6 +357,7 @@ def evaluate_folder(
         + f"; {len(cases)} cases; per-case rows: `{out.name}`."
     )
     markdown = summarize(rows, header=header)
-    _write_all_or_nothing({out: _csv_text(rows), md_path: markdown})
+    # both or neither, through medssl.atomic: temporary files cleaned up, results readable under the umask
+    atomic_write_all({out: _bytes_writer(_csv_text(rows)), md_path: _bytes_writer(markdown)})
     logger.info("wrote %s (%d rows) and %s", out, len(rows), md_path)
     return markdown

@@ -51,6 +51,7 @@ import numpy as np
 from medssl import resources
 from medssl.atomic import atomic_save_figure, atomic_write_text
 from medssl.errors import ConfigError, MedsslError
+from medssl.study_fingerprint import append_history, claim_cells, content_sha256, file_sha256, fingerprint
 
 __all__ = [
     "METHODS",
@@ -117,6 +118,8 @@ class StudyConfig:
             the plot, e.g. ``{"oracle intensity threshold": 0.27}``.
         method_overrides: bundle overrides for one method's cells, e.g. the same labeled crops per step for
             ``scratch`` as Mean Teacher's labeled half: ``{"scratch": {"batch_size": 2}}``.
+        redo_changed: recompute the cells whose settings differ from those they were computed with (default:
+            refuse to mix them, see :mod:`medssl.study_fingerprint`).
     """
 
     datalist: str
@@ -140,6 +143,7 @@ class StudyConfig:
     title: str | None = None
     reference: dict[str, float] = field(default_factory=dict)
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    redo_changed: bool = False
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **cli: Any) -> StudyConfig:
@@ -314,6 +318,63 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def _cell_name(method: str, n: int, seed: int) -> str:
+    return f"{method}_n{n}_seed{seed}"
+
+
+def _claim_study(
+    cfg: StudyConfig,
+    out: Path,
+    bundles: Path,
+    task: str,
+    base: Mapping[str, Any],
+    labels: Mapping[int, str],
+    cells: Sequence[tuple[str, int, int]],
+    subsets: Mapping[int, Mapping[int, list[int]]],
+) -> None:
+    """Check (or, with ``redo_changed``, reset) every cell's settings before anything runs; log the invocation.
+
+    See :mod:`medssl.study_fingerprint`. The study's own pretraining run is a cell too (``out/pretrain``); the
+    cells that use its checkpoint carry its fingerprint, known before it runs.
+    """
+    overlays = [Path(p).resolve() for p in cfg.overlays]
+    settings = {"precision": cfg.precision}
+    pretrained = None
+    redone: list[str] = []
+    if any(m.startswith("pretrained") for m in cfg.methods):
+        if cfg.pretrained:
+            if not Path(cfg.pretrained).is_file():
+                raise ConfigError(cfg.pretrained, "pretrained checkpoint does not exist")
+            pretrained = "sha256:" + file_sha256(cfg.pretrained)
+        elif cfg.pretrain_bundle:
+            pre = fingerprint(
+                bundles=[Path(p).resolve() for p in cfg.pretrain_bundle],
+                overlays=overlays,
+                overrides=cfg.overrides,
+                datalist=base,
+                pretrained=None,
+                **settings,
+            )
+            redone += claim_cells(out, {"pretrain": pre}, redo_changed=cfg.redo_changed)
+            pretrained = "pretrain:" + content_sha256(pre)
+    fps = {
+        _cell_name(m, n, s): fingerprint(
+            bundles=[bundles / f for f in BUNDLES[(task, _STAGE[m])]],
+            overlays=overlays,
+            overrides={**cfg.overrides, **METHOD_OVERRIDES.get(m, {}), **cfg.method_overrides.get(m, {})},
+            datalist=cell_datalist(base, subsets[s][n], labels),
+            pretrained=pretrained if m.startswith("pretrained") else None,
+            budget=int(cfg.budget),
+            val_interval=cfg.val_interval,
+            seed=int(s),
+            **settings,
+        )
+        for m, n, s in cells
+    }
+    redone += claim_cells(out / "cells", fps, redo_changed=cfg.redo_changed)
+    append_history(out / "study.json", {"config": asdict(cfg), "cells": fps, "redone": redone})
+
+
 def run_study(cfg: StudyConfig) -> dict[str, Path]:
     """Run (or resume) a study; returns the paths of ``results.csv``, ``results.md`` and ``results.png``."""
     from medssl.data.datalist import load_datalist
@@ -342,17 +403,17 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
     bundles = Path(cfg.bundles_dir) if cfg.bundles_dir else default_bundles_dir()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _mark(out / "study.json", asdict(cfg))
 
     common = {"bundle_root": str(bundles.parent), "device": cfg.device, "precision": cfg.precision}
     common.update(cfg.overrides)
+    cells = [(m, n, s) for s in cfg.seed_list for n in sorted(cfg.labeled) for m in cfg.methods]
+    subsets = {s: nested_subsets(len(train_items), cfg.labeled, s) for s in cfg.seed_list}
+    _claim_study(cfg, out, bundles, task, base, dl.labels, cells, subsets)
     pretrained = None
     if any(m.startswith("pretrained") for m in cfg.methods):
         pre_overrides = {**common, "datalist": str(dl.path), "dataset_dir": str(dl.dataset_dir)}
         pretrained = _pretrained_checkpoint(cfg, bundles, pre_overrides, out)
 
-    cells = [(m, n, s) for s in cfg.seed_list for n in sorted(cfg.labeled) for m in cfg.methods]
-    subsets = {s: nested_subsets(len(train_items), cfg.labeled, s) for s in cfg.seed_list}
     jobs = max(1, int(cfg.jobs))
     threads = _threads(cfg, jobs)
     lock = threading.Lock()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -174,6 +175,40 @@ def test_evaluate_folder_with_datalist(dataset, tmp_path):
     liver = [float(r["dice"]) for r in rows if r["label"] == "1"]
     assert f"{np.mean(liver):.3f} ± {np.std(liver, ddof=1):.3f}" in md
     assert "| overall |  | 6 |" in md and "Background (label 0) excluded" in md
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o027])
+def test_evaluate_folder_results_follow_the_umask_and_leave_no_temp_files(dataset, tmp_path, umask):
+    """mkstemp makes 0600 files: the results must get the mode a plain open() gives (Docker host user reads them)."""
+    out = tmp_path / "results" / "scores.csv"
+    old = os.umask(umask)
+    try:
+        evaluate_folder(dataset["pred"], dataset["datalist"], out)
+    finally:
+        os.umask(old)
+    for path in (out, out.with_suffix(".md")):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+    assert sorted(p.name for p in out.parent.iterdir()) == ["scores.csv", "scores.md"]
+
+
+def test_evaluate_folder_writes_both_results_or_neither(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "results" / "scores.csv"
+
+    import medssl.atomic as atomic
+
+    real = atomic._prepare
+    calls = []
+
+    def second_fails(path, write):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(path, write)
+
+    monkeypatch.setattr(atomic, "_prepare", second_fails)
+    with pytest.raises(OSError, match="disk full"):
+        evaluate_folder(dataset["pred"], dataset["datalist"], out)
+    assert len(calls) == 2 and list(out.parent.iterdir()) == []  # the CSV was not renamed, its temp file is gone
 
 
 def test_evaluate_folder_with_reference_folder(dataset, tmp_path):

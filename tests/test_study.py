@@ -113,22 +113,34 @@ def _phantom_like_datalist(tmp_path, n_train=4):
     return path
 
 
-def test_resume_skips_finished_cells(tmp_path, monkeypatch):
-    datalist = _phantom_like_datalist(tmp_path)
-    out = tmp_path / "study"
-    cfg = StudyConfig(datalist=str(datalist), out=str(out), labeled=[1, 2], methods=["scratch"], seeds=1, budget=3)
-    # one cell finished earlier, the other not: only the unfinished one may run
-    done = out / "cells" / "scratch_n1_seed0"
-    done.mkdir(parents=True)
-    (done / "done.json").write_text(json.dumps({"rows": _rows({("scratch", 1, 0): [0.3]})}))
+def _fake_runs(monkeypatch, dice=0.5):
+    """Replace training and evaluation by stubs; returns the list of trainings run (their ``what``)."""
     ran = []
 
     def fake_run(cmd, log_path, what, threads=None):
         ran.append(what)
         (log_path.parent / "model.pt").write_bytes(b"")
 
+    def fake_eval(cell_dir, dl, cfg):
+        method, n, seed = cell_dir.name.rsplit("_", 2)
+        return _rows({(method, int(n[1:]), int(seed[4:])): [dice]})
+
     monkeypatch.setattr("medssl.study._run_logged", fake_run)
-    monkeypatch.setattr("medssl.study._evaluate_cell", lambda cell_dir, dl, cfg: _rows({("scratch", 2, 0): [0.5]}))
+    monkeypatch.setattr("medssl.study._evaluate_cell", fake_eval)
+    return ran
+
+
+def test_resume_skips_finished_cells(tmp_path, monkeypatch):
+    datalist = _phantom_like_datalist(tmp_path)
+    out = tmp_path / "study"
+    ran = _fake_runs(monkeypatch, dice=0.3)
+    run_study(StudyConfig(datalist=str(datalist), out=str(out), labeled=[1], methods=["scratch"], seeds=1, budget=3))
+    assert ran == ["training cell [1/1] scratch n=1 seed=0"]
+    ran.clear()
+    _fake_runs(monkeypatch, dice=0.5)
+    monkeypatch.setattr("medssl.study._run_logged", lambda cmd, log_path, what, threads=None: ran.append(what))
+    # the n=1 cell finished earlier: only the new n=2 cell may run, and n=1 keeps its earlier result (30 %)
+    cfg = StudyConfig(datalist=str(datalist), out=str(out), labeled=[1, 2], methods=["scratch"], seeds=1, budget=3)
     paths = run_study(cfg)
     assert ran == ["training cell [2/2] scratch n=2 seed=0"]
     assert (out / "cells" / "scratch_n2_seed0" / "done.json").is_file()
@@ -136,6 +148,103 @@ def test_resume_skips_finished_cells(tmp_path, monkeypatch):
     run_study(cfg)  # everything finished: nothing runs again
     assert ran == []
     assert "| scratch | 30.0 ± 0.0 | 50.0 ± 0.0 |" in paths["md"].read_text()
+
+
+def _btcv_like_datalist(tmp_path):
+    path = _phantom_like_datalist(tmp_path)
+    dl = json.loads(path.read_text())
+    dl["labels"] = {"0": "background", "1": "liver", "2": "spleen"}
+    path.write_text(json.dumps(dl))
+    return path
+
+
+@pytest.mark.parametrize("change", ["budget", "overlay", "overrides", "datalist", "val_interval"])
+def test_rerun_with_other_settings_is_refused_naming_cell_and_keys(tmp_path, monkeypatch, change):
+    datalist = _phantom_like_datalist(tmp_path)
+    overlay = tmp_path / "tiny.yaml"
+    overlay.write_text("max_epochs: 1\n")
+    out = tmp_path / "study"
+    kw = dict(datalist=str(datalist), out=str(out), labeled=[1], methods=["scratch"], seeds=1, budget=3)
+    kw["overlays"] = [str(overlay)]
+    ran = _fake_runs(monkeypatch)
+    run_study(StudyConfig(**kw))
+    assert len(ran) == 1
+    key = {"budget": "budget", "overlay": "overlays", "overrides": "overrides", "datalist": "datalist"}
+    key["val_interval"] = "val_interval"
+    if change == "budget":
+        kw["budget"] = 4
+    elif change == "overlay":
+        overlay.write_text("max_epochs: 2\n")  # same file name, other content
+    elif change == "overrides":
+        kw["overrides"] = {"roi_size": [16, 16, 16]}
+    elif change == "datalist":
+        dl = json.loads(datalist.read_text())
+        dl["unlabeled"] = [{"image": "u.nii.gz"}]  # the cell's unlabeled pool changes
+        (tmp_path / "u.nii.gz").write_bytes(b"")
+        datalist.write_text(json.dumps(dl))
+    else:
+        kw["val_interval"] = 2
+    ran.clear()
+    with pytest.raises(ConfigError, match=rf"scratch_n1_seed0.*{key[change]} differ.*--redo-changed") as err:
+        run_study(StudyConfig(**kw))
+    assert ran == [] and "\n" not in str(err.value)
+    # redo_changed recomputes the cell with the new settings and records both invocations
+    run_study(StudyConfig(**kw, redo_changed=True))
+    assert ran == ["training cell [1/1] scratch n=1 seed=0"]
+    history = json.loads((out / "study.json").read_text())["history"]
+    assert len(history) == 2 and history[1]["redone"] == ["scratch_n1_seed0"]
+    ran.clear()
+    run_study(StudyConfig(**kw))  # the new settings are now the cell's own: no refusal, nothing reruns
+    assert ran == []
+
+
+def test_redo_changed_recomputes_only_the_cells_whose_pretrained_checkpoint_changed(tmp_path, monkeypatch):
+    datalist = _btcv_like_datalist(tmp_path)
+    ckpt = tmp_path / "vit.pt"
+    ckpt.write_bytes(b"weights v1")
+    out = tmp_path / "study"
+    kw = dict(datalist=str(datalist), out=str(out), labeled=[1], seeds=1, budget=3, pretrained=str(ckpt))
+    kw["methods"] = ["scratch", "pretrained"]
+    ran = _fake_runs(monkeypatch)
+    run_study(StudyConfig(**kw))
+    assert len(ran) == 2
+    ckpt.write_bytes(b"weights v2")  # same path, other content
+    ran.clear()
+    with pytest.raises(ConfigError, match=r"pretrained_n1_seed0.*: pretrained differ"):
+        run_study(StudyConfig(**kw))
+    run_study(StudyConfig(**kw, redo_changed=True))
+    assert ran == ["training cell [2/2] pretrained n=1 seed=0"]
+
+
+def test_cells_without_fingerprint_are_not_trusted(tmp_path, monkeypatch):
+    datalist = _phantom_like_datalist(tmp_path)
+    out = tmp_path / "study"
+    legacy = out / "cells" / "scratch_n1_seed0"
+    legacy.mkdir(parents=True)
+    (legacy / "done.json").write_text(json.dumps({"rows": _rows({("scratch", 1, 0): [0.9]})}))
+    ran = _fake_runs(monkeypatch)
+    cfg = StudyConfig(datalist=str(datalist), out=str(out), labeled=[1], methods=["scratch"], seeds=1, budget=3)
+    with pytest.raises(ConfigError, match="no cell.json"):
+        run_study(cfg)
+    assert ran == []
+
+
+def test_cli_refuses_changed_settings_with_exit_2(tmp_path, monkeypatch, capsys):
+    from medssl.cli import main
+
+    datalist = _phantom_like_datalist(tmp_path)
+    out = tmp_path / "study"
+    ran = _fake_runs(monkeypatch)
+    args = ["study", "--datalist", str(datalist), "--out", str(out), "--labeled", "1", "--methods", "scratch"]
+    args += ["--seeds", "1", "--budget", "3"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args[:-1] + ["4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medssl: error: ") and "scratch_n1_seed0" in err and "budget" in err
+    assert len(err.splitlines()) == 1
+    assert main(args[:-1] + ["4", "--redo-changed"]) == 0
+    assert len(ran) == 2
 
 
 def test_pretrained_methods_need_a_checkpoint(tmp_path):

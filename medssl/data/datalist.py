@@ -133,7 +133,51 @@ def _parse(path: Path, dataset_dir, keys) -> tuple[Datalist, list[MedsslError]]:
             except ValueError:
                 problems.append(DataError(path, f"label index {k!r} in 'labels' is not an integer"))
     meta = {k: v for k, v in raw.items() if k not in DATALIST_KEYS and k != "labels"}
+    problems += _repeated_cases(path, raw, base)
     return Datalist(path, base, data, dict(sorted(labels.items())), meta), problems
+
+
+def _repeated_cases(path: Path, raw: dict[str, Any], base: Path) -> list[MedsslError]:
+    """A case listed twice under one key, and an image both under ``training`` and ``validation`` (leakage).
+
+    Checked on every key of the file, not only the keys a caller loads: a bundle that reads only ``training``
+    must still refuse a datalist whose validation images leak into it.
+    """
+    first: dict[str, dict[tuple[str, ...], int]] = {}
+    problems: list[MedsslError] = []
+    for key in DATALIST_KEYS:
+        entries = raw.get(key)
+        if not isinstance(entries, list):
+            continue
+        seen = first.setdefault(key, {})
+        for i, entry in enumerate(entries):
+            image = entry if isinstance(entry, str) else entry.get("image") if isinstance(entry, dict) else None
+            if not isinstance(image, (str, list)) or not all(
+                isinstance(v, str) for v in _paths({"image": image}, "image")
+            ):
+                continue  # reported by the item checks
+            case = tuple(_resolve(v, base) for v in _paths({"image": image}, "image"))
+            if case in seen:
+                problems.append(
+                    DataError(path, f"{key}[{i}] repeats {key}[{seen[case]}]: image {_shown(case, base)} listed twice")
+                )
+            else:
+                seen[case] = i
+    training, validation = first.get("training", {}), first.get("validation", {})
+    for case, j in validation.items():
+        if case in training:
+            problems.append(
+                DataError(
+                    path,
+                    f"validation[{j}] and training[{training[case]}] share image {_shown(case, base)} "
+                    "(leakage: a validation case must not be trained on)",
+                )
+            )
+    return problems
+
+
+def _shown(case: tuple[str, ...], base: Path) -> str:
+    return ", ".join(os.path.relpath(p, base) for p in case)
 
 
 def _paths(item: dict[str, Any], fieldname: str) -> list[str]:

@@ -342,6 +342,7 @@ def output_handler_types() -> tuple[type, ...]:
         handlers.MetricHistory,
         handlers.ImageGridSaver,
         handlers.TensorBoardImageGrid,
+        handlers.RunTensorBoard,
         handlers.ProgressBar,
         seg_handlers.PerClassDiceLogger,
         seg_handlers.BestOverlaySaver,

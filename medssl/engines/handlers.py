@@ -1,6 +1,7 @@
 """Ignite handlers shared by every medssl training bundle: checkpoints with exact resume, image grids, progress.
 
-- :class:`CheckpointHandler` writes ``model.pt`` (best validation metric, self-describing) and ``last.pt``
+- :class:`CheckpointHandler` writes ``model.pt`` (best validation metric, self-describing; the final weights when no
+  validation ran, ``best.selected_by`` says which) and ``last.pt``
   (plus optimizer, scheduler, scaler, extra modules such as an EMA teacher, RNG states, engine progress), both
   atomically, and with ``resume=True`` restores ``last.pt`` when the trainer starts.
 - :class:`MetricHistory` appends every validation result to a CSV.
@@ -18,6 +19,7 @@ streams). Under torchrun every handler writes on rank 0 only; every rank reads `
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -30,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medssl.atomic import atomic_save_figure
+from medssl.atomic import atomic_save_figure, atomic_write_text
 from medssl.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from medssl.engines.distributed import get_rank, get_world_size
 from medssl.engines.utils import as_bool
@@ -44,6 +46,7 @@ __all__ = [
     "save_image_grid",
     "ImageGridSaver",
     "TensorBoardImageGrid",
+    "RunTensorBoard",
     "ProgressBar",
     "random_transforms",
     "capture_transform_rng",
@@ -176,8 +179,9 @@ class CheckpointHandler:
         extra_modules: more objects with ``state_dict``/``load_state_dict`` saved in ``last.pt`` under their name
             (e.g. ``{"teacher": ema_model}``).
         evaluator: the validation engine (epoch- or iteration-level ``ValidationHandler``); ``model.pt`` is written
-            when its ``key_metric`` improves. A validation at start selects nothing. Without an evaluator,
-            ``model.pt`` is written every epoch.
+            when its ``key_metric`` improves (``best.selected_by = "best"``). A validation at start selects
+            nothing. Without an evaluator, or when no validation ran before the end of the run, ``model.pt`` holds
+            the final weights (``best.selected_by = "final"``, logged), written every epoch and at the end.
         key_metric: name in ``evaluator.state.metrics``.
         mode: ``"min"`` (losses) or ``"max"`` (Dice).
         train_transform: the training transform chain whose random states are saved for exact resume.
@@ -284,6 +288,7 @@ class CheckpointHandler:
                 "value": value,
                 "epoch": int(engine.state.epoch),
                 "iteration": int(engine.state.iteration),
+                "selected_by": "best",
             }
             self.save_best(engine)
             logger.info(f"{self.key_metric} {value:.6f} is the best so far (iteration {engine.state.iteration})")
@@ -291,11 +296,20 @@ class CheckpointHandler:
     def _on_epoch_completed(self, engine) -> None:
         self._consider_best(engine)
         if self.evaluator is None:
-            self.save_best(engine)
+            self.save_final(engine)
         if engine.state.epoch % self.save_interval == 0:
             self.save_last(engine)
 
     def _on_completed(self, engine) -> None:
+        if self.best.get("value") is None:
+            # no validation selected weights (val_interval beyond the budget, or no evaluator): model.pt must
+            # still exist after a successful run, so it holds the final weights and says so
+            if self.evaluator is not None:
+                logger.warning(
+                    f"no validation selected a model in this run (is val_interval larger than the budget?): "
+                    f"{self.best_path} holds the final weights (selected_by: final)"
+                )
+            self.save_final(engine)
         if self._last_saved_iteration != engine.state.iteration:
             self.save_last(engine)
 
@@ -322,6 +336,17 @@ class CheckpointHandler:
         if _rank(self.rank) != 0:
             return None
         return save_checkpoint(self.best_path, **self._common(engine))
+
+    def save_final(self, engine) -> Path | None:
+        """Write ``model.pt`` with the current weights and ``best.selected_by = "final"`` (rank 0)."""
+        self.best = {
+            "metric": self.key_metric,
+            "value": None,
+            "epoch": int(engine.state.epoch),
+            "iteration": int(engine.state.iteration),
+            "selected_by": "final",
+        }
+        return self.save_best(engine)
 
     def _rng_states(self) -> dict[str, Any]:
         state = {"rng": capture_rng_state()}
@@ -426,20 +451,49 @@ class CheckpointHandler:
 class CsvLog:
     """Rows appended to a CSV file, header first; a fresh log replaces a file an earlier run left there.
 
+    A resumed run (``append``) first drops the rows the interrupted run wrote after the checkpoint it resumes from
+    (:meth:`truncate_after`), so no step is logged twice: handlers that know the trainer call it when the run
+    starts; otherwise, with ``step_column``, the first row appended by this process drops every earlier row at
+    the same or a later step.
+
     Args:
         path: the CSV file.
         append: keep an existing file (a resumed run continues its log).
+        step_column: column that orders the rows (e.g. ``epoch``), for the first-row rule above.
     """
 
-    def __init__(self, path: str | os.PathLike, append: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, append: bool = False, step_column: str | None = None) -> None:
         self.path = Path(path)
         self._fresh = not as_bool(append, "append")
+        self.step_column = step_column
+        self._first = True
+
+    def truncate_after(self, column: str, value: float) -> int:
+        """Drop the rows whose ``column`` is greater than ``value`` (atomically); returns how many were dropped."""
+        if self._fresh or not self.path.is_file():
+            return 0
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or column not in rows[0]:
+            return 0
+        col = rows[0].index(column)
+        kept = [rows[0]] + [r for r in rows[1:] if not (len(r) > col and r[col] != "" and float(r[col]) > value)]
+        dropped = len(rows) - len(kept)
+        if dropped:
+            buf = io.StringIO()
+            csv.writer(buf).writerows(kept)
+            atomic_write_text(self.path, buf.getvalue())
+            logger.info(f"{self.path.name}: dropped {dropped} row(s) after {column} {value:g}, the resumed point")
+        return dropped
 
     def append(self, header: Sequence[str], values: Sequence[Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self._fresh:
             self.path.unlink(missing_ok=True)
             self._fresh = False
+        elif self._first and self.step_column in header:
+            self.truncate_after(self.step_column, float(values[list(header).index(self.step_column)]) - 1e-9)
+        self._first = False
         new = not self.path.is_file()
         with open(self.path, "a", newline="") as f:
             writer = csv.writer(f)
@@ -461,7 +515,7 @@ class MetricHistory:
         path: the CSV (its folder is created).
         metric_names: metrics of ``engine.state.metrics`` to write.
         append: keep the rows of an earlier run (set it to the bundle's ``resume``); otherwise the first write
-            of this process starts the file afresh.
+            of this process starts the file afresh. A resumed log drops the rows of epochs it logs again.
         rank: only rank 0 writes; ``None``: this process's rank in the process group (0 without one).
     """
 
@@ -470,7 +524,7 @@ class MetricHistory:
     ) -> None:
         self.path = Path(path)
         self.metric_names = list(metric_names)
-        self._log = CsvLog(path, append)
+        self._log = CsvLog(path, append, step_column="epoch")
         self.rank = rank
 
     def attach(self, engine) -> None:
@@ -596,6 +650,37 @@ class ImageGridSaver:
             rows = {n: _first_item(data[k]) for n, k in zip(self.names, self.keys)}
         save_image_grid(self.path, rows, self.num_slices)
         self._done = True
+
+
+class RunTensorBoard:
+    """The run's one TensorBoard writer, shared by every handler that logs to TensorBoard, closed at the end.
+
+    One writer means one event file per run (per process) instead of one per handler. Handlers take
+    ``summary_writer: "$@tensorboard.writer"``; list the object itself in the trainer's handlers so that it
+    closes the writer when the run completes, after every other ``COMPLETED`` handler.
+
+    Args:
+        log_dir: TensorBoard folder (the run's ``output_dir``).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = Path(log_dir)
+        self._writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    @property
+    def writer(self) -> Any:
+        return self._writer
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        # registered at run start, i.e. after the COMPLETED handlers attached at build time, which may still log
+        engine.add_event_handler(Events.STARTED, lambda e: e.add_event_handler(Events.COMPLETED, self.close))
+
+    def close(self, engine=None) -> None:
+        self._writer.close()
 
 
 class TensorBoardImageGrid:

@@ -55,7 +55,9 @@ class BestOfCheckpoint:
     ran the validations, the best value of the round is compared with the best so far and, when it improves,
     that candidate is written with ``best = {metric, value, epoch, iteration, network: <name>}``. A validation
     run before training (``exec_at_start``) selects nothing, as in
-    :class:`~medssl.engines.handlers.CheckpointHandler`. Ties go to the candidate named first.
+    :class:`~medssl.engines.handlers.CheckpointHandler`. Ties go to the candidate named first. A run that ends
+    without any validation writes the first candidate's final weights with ``best.selected_by = "final"`` (logged);
+    a selected one has ``selected_by = "best"``.
 
     Args:
         path: checkpoint to write (atomically, ``medssl.checkpoint`` format).
@@ -115,6 +117,27 @@ class BestOfCheckpoint:
             evaluator.add_event_handler(Events.COMPLETED, functools.partial(self._on_validated, name))
         engine.add_event_handler(Events.STARTED, self._on_started)
         engine.add_event_handler(Events.EPOCH_STARTED, self._on_epoch_started)
+        engine.add_event_handler(Events.COMPLETED, self._on_completed)
+
+    def _on_completed(self, engine) -> None:
+        if self.best.get("value") is not None:
+            return
+        # no validation selected a candidate (val_interval beyond the budget): a successful run still leaves a
+        # loadable model, the first candidate's final weights, and says so
+        name = next(iter(self.networks))
+        logger.warning(
+            f"no validation selected a model in this run (is val_interval larger than the budget?): {self.path} "
+            f"holds the final weights of the {name} (selected_by: final)"
+        )
+        self.best = {
+            "metric": self.key_metric,
+            "value": None,
+            "epoch": int(engine.state.epoch),
+            "iteration": int(engine.state.iteration),
+            "network": name,
+            "selected_by": "final",
+        }
+        self._save(engine, name)
 
     def _on_started(self, engine) -> None:
         from ignite.engine import Events
@@ -152,7 +175,12 @@ class BestOfCheckpoint:
             "epoch": int(engine.state.epoch),
             "iteration": int(engine.state.iteration),
             "network": name,
+            "selected_by": "best",
         }
+        self._save(engine, name)
+        logger.info(f"{self.path.name}: {name} {self.key_metric} {value:.4f} (iteration {engine.state.iteration})")
+
+    def _save(self, engine, name: str) -> None:
         if self.rank == 0:
             save_checkpoint(
                 self.path,
@@ -164,7 +192,6 @@ class BestOfCheckpoint:
                 progress={"epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration)},
                 best=dict(self.best),
             )
-        logger.info(f"{self.path.name}: {name} {self.key_metric} {value:.4f} (iteration {engine.state.iteration})")
 
     def state_dict(self) -> dict[str, Any]:
         """The best so far (plain values), for ``last.pt``."""
@@ -188,6 +215,7 @@ class ValidationLog:
         log_dir: TensorBoard folder (``None``: no TensorBoard).
         csv_path: CSV file (``None``: no CSV).
         append: keep an earlier run's rows (pass the bundle's ``resume``); otherwise the file starts afresh.
+        summary_writer: the run's shared TensorBoard writer (instead of ``log_dir``; not closed here).
         rank: only rank 0 writes.
     """
 
@@ -200,6 +228,7 @@ class ValidationLog:
         csv_path: str | os.PathLike | None = None,
         append: bool = False,
         rank: int = 0,
+        summary_writer: Any = None,
     ) -> None:
         if not evaluators:
             raise ValueError("evaluators must name at least one evaluator")
@@ -207,11 +236,13 @@ class ValidationLog:
         self.metric_names = [metric_names] if isinstance(metric_names, str) else list(metric_names)
         self.log_dir = None if log_dir is None else Path(log_dir)
         self.csv_path = None if csv_path is None else Path(csv_path)
-        self._log = None if csv_path is None else CsvLog(csv_path, append)
+        self._log = None if csv_path is None else CsvLog(csv_path, append, step_column="iteration")
         self.rank = int(rank)
         self.columns = [f"{m}/{n}" for n in self.evaluators for m in self.metric_names]
         self._trainer = None
-        self._writer = None
+        # a shared writer (the run's one, see medssl.engines.handlers.RunTensorBoard) is closed by its owner
+        self._writer = summary_writer
+        self._own_writer = summary_writer is None
         self._row: dict[str, float] = {}
 
     def attach(self, engine) -> None:
@@ -220,7 +251,13 @@ class ValidationLog:
         self._trainer = engine
         for name, evaluator in self.evaluators.items():
             evaluator.add_event_handler(Events.COMPLETED, functools.partial(self._on_validated, name))
+        engine.add_event_handler(Events.STARTED, self._on_started)
         engine.add_event_handler(Events.COMPLETED, self.close)
+
+    def _on_started(self, engine) -> None:
+        # after the checkpoint handler's restore: rows past the resumed iteration would be logged twice
+        if self.rank == 0 and self._log is not None:
+            self._log.truncate_after("iteration", engine.state.iteration)
 
     def _on_validated(self, name: str, evaluator) -> None:
         if self.rank != 0 or self._trainer is None:
@@ -229,7 +266,7 @@ class ValidationLog:
         values = {
             f"{m}/{name}": float(evaluator.state.metrics[m]) for m in self.metric_names if m in evaluator.state.metrics
         }
-        if self.log_dir is not None:
+        if self.log_dir is not None or self._writer is not None:
             if self._writer is None:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -249,7 +286,7 @@ class ValidationLog:
             )
 
     def close(self, engine=None) -> None:
-        if self._writer is not None:
+        if self._writer is not None and self._own_writer:
             self._writer.close()
             self._writer = None
 

@@ -51,6 +51,7 @@ class PerClassDiceLogger:
         log_dir: TensorBoard folder (``None``: no TensorBoard).
         csv_path: CSV with ``iteration, epoch, <mean_name>, val_dice/<class>...`` (``None``: no CSV).
         append: keep an earlier run's CSV rows (the bundle's ``resume``).
+        summary_writer: the run's shared TensorBoard writer (instead of ``log_dir``; not closed here).
         rank: only rank 0 writes.
 
     Raises:
@@ -68,6 +69,7 @@ class PerClassDiceLogger:
         csv_path: str | os.PathLike | None = None,
         append: bool = False,
         rank: int = 0,
+        summary_writer: Any = None,
     ) -> None:
         from medssl.engines.utils import as_bool
 
@@ -78,16 +80,24 @@ class PerClassDiceLogger:
         self.include_background = as_bool(include_background, "include_background")
         self.log_dir = log_dir
         self.csv_path = Path(csv_path) if csv_path is not None else None
-        self._log = CsvLog(csv_path, append) if csv_path is not None else None
+        self._log = CsvLog(csv_path, append, step_column="iteration") if csv_path is not None else None
         self.rank = rank
-        self.writer = None
+        # a shared writer (the run's one, see medssl.engines.handlers.RunTensorBoard) is closed by its owner
+        self.writer = summary_writer
+        self._own_writer = summary_writer is None
         self.history: list[dict[str, float]] = []
 
     def attach(self, trainer) -> None:
         from ignite.engine import Events
 
         self.evaluator.add_event_handler(Events.COMPLETED, lambda ev: self.log(trainer, ev))
+        trainer.add_event_handler(Events.STARTED, self._on_started)
         trainer.add_event_handler(Events.COMPLETED, self.close)
+
+    def _on_started(self, trainer) -> None:
+        # after the checkpoint handler's restore: rows past the resumed iteration would be logged twice
+        if self.rank == 0 and self._log is not None:
+            self._log.truncate_after("iteration", trainer.state.iteration)
 
     def per_class(self, evaluator) -> dict[str, float]:
         """``{class name: Dice}`` of the last validation (``nan`` for a class absent from every case)."""
@@ -113,7 +123,7 @@ class PerClassDiceLogger:
         self.history.append(row)
         mean = f"{self.mean_name} {row[self.mean_name]:.4f}; " if self.mean_name in row else ""
         logger.info(f"validation at iteration {step}: {mean}" + ", ".join(f"{n} {v:.4f}" for n, v in dice.items()))
-        if self.log_dir is not None:
+        if self.log_dir is not None or self.writer is not None:
             if self.writer is None:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -126,7 +136,7 @@ class PerClassDiceLogger:
             self._log.append(list(row), list(row.values()))
 
     def close(self, engine=None) -> None:
-        if self.writer is not None:
+        if self.writer is not None and self._own_writer:
             self.writer.close()
             self.writer = None
 

@@ -56,6 +56,8 @@ def test_model_is_self_describing_and_rebuilds(tiny_run):
 
 
 def test_lr_steps_and_loss_decreases(tiny_run):
+    # one TensorBoard writer per run: training scalars and per-class Dice share one event file
+    assert len(list(tiny_run.glob("events.out.tfevents.*"))) == 1
     tb = tensorboard_scalars(tiny_run)
     assert [round(v, 8) for _, v in tb["lr"]] == [0.01, 0.01, 0.001, 0.001, 0.0001]
     losses = [v for _, v in tb["loss"]]
@@ -72,6 +74,26 @@ def test_validation_dice_is_logged_and_selects_model(tiny_run):
         assert logged == pytest.approx(row["val_dice/left_atrium"], abs=1e-6)
     best = load_checkpoint(tiny_run / "model.pt")["best"]
     assert best["value"] == pytest.approx(max(h["val_mean_dice"] for h in history))
+    assert best["selected_by"] == "best" and best["metric"] == "val_mean_dice"
+
+
+def test_run_without_validation_still_writes_a_usable_model(tiny_la, tmp_path, capfd):
+    """val_interval beyond max_iterations: model.pt holds the final weights, says so, and infers."""
+    from monai.bundle import run
+
+    from medssl.inference import Predictor
+
+    out = tmp_path / "out"
+    run("training", config_file=CONFIGS, **bundle_overrides(tiny_la, out, max_iterations=2, val_interval=10))
+    assert not (out / "val_metrics.csv").exists()  # no validation ran
+    model, last = load_checkpoint(out / "model.pt"), load_checkpoint(out / "last.pt")
+    assert model["best"]["selected_by"] == "final" and model["best"]["value"] is None
+    assert model["progress"] == last["progress"] == {"epoch": 1, "iteration": 2}
+    for k, v in last["state_dict"].items():
+        assert torch.equal(model["state_dict"][k], v), k
+    logged = capfd.readouterr()
+    assert "holds the final weights (selected_by: final)" in logged.out + logged.err
+    Predictor(out / "model.pt", device="cpu", precision="fp32", progress=False)  # loads and rebuilds
 
 
 def test_augmentation_rotates_and_flips_in_plane_only(tiny_la, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import types
 from pathlib import Path
 
@@ -106,6 +107,12 @@ def test_resume_restores_the_teacher_exactly(la_data, tmp_path):
     _workflow([BUNDLE, TINY], la_data, split, max_iterations=3, val_interval=3).run()
     saved = load_checkpoint(split / "last.pt")
     assert saved["progress"] == {"epoch": 1, "iteration": 3}
+    # an earlier continuation validated at iteration 6 and was killed before its next last.pt (Mean Teacher saves
+    # it every checkpoint_interval epochs): its row must not stay beside the resumed run's own row 6
+    with open(split / "val_metrics.csv", newline="") as f:
+        header, first = list(csv.reader(f))[:2]
+    with open(split / "val_metrics.csv", "a", newline="") as f:
+        csv.writer(f).writerow(["6", "2"] + ["0.123"] * (len(header) - 2))
 
     wf = _workflow([BUNDLE, TINY], la_data, split, max_iterations=6, val_interval=3, resume=True)
     trainer = wf.parser.get_parsed_content("train#trainer")
@@ -118,6 +125,10 @@ def test_resume_restores_the_teacher_exactly(la_data, tmp_path):
 
     wf.run()
     assert seen["iteration"] == 3
+    rows = ValidationLog.read(split / "val_metrics.csv")
+    assert [int(r["iteration"]) for r in rows] == [3, 6]  # resume appends to the first run's rows, once
+    assert rows[0]["val_mean_dice/student"] == pytest.approx(float(first[header.index("val_mean_dice/student")]))
+    assert rows[1]["val_mean_dice/student"] != pytest.approx(0.123)
     # validation at iteration 6 used the teacher's weights with re-estimated BatchNorm statistics
     teacher, teacher_eval = trainer.teacher, wf.parser.get_parsed_content("teacher_eval")
     for k, v in teacher.named_parameters():
@@ -133,8 +144,6 @@ def test_resume_restores_the_teacher_exactly(la_data, tmp_path):
         for k, v in a[key].items():
             torch.testing.assert_close(b[key][k], v, rtol=0, atol=0, msg=f"{key}: {k}")
     assert b["best_model"]["iteration"] in (3, 6) and a["best_model"] == b["best_model"]
-    rows = ValidationLog.read(split / "val_metrics.csv")
-    assert [int(r["iteration"]) for r in rows] == [3, 6]  # resume appends to the first run's rows
 
 
 def test_btcv_unetr_switch_with_pretrained_vit(ct_phantom, tmp_path):
@@ -264,7 +273,14 @@ def test_best_of_checkpoint_picks_across_candidates_and_ignores_the_start(tmp_pa
     engine.run([0, 1, 2], max_epochs=1)
     assert saved[1]["best"]["network"] == "student" and saved[1]["best"]["value"] == 0.3
     ckpt = load_checkpoint(tmp_path / "model.pt")
-    assert ckpt["best"] == {"metric": "val_mean_dice", "value": 0.5, "epoch": 1, "iteration": 2, "network": "teacher"}
+    assert ckpt["best"] == {
+        "metric": "val_mean_dice",
+        "value": 0.5,
+        "epoch": 1,
+        "iteration": 2,
+        "network": "teacher",
+        "selected_by": "best",
+    }
     for k, v in nets["teacher"].state_dict().items():
         assert torch.equal(ckpt["state_dict"][k], v)
     restored = BestOfCheckpoint(tmp_path / "x.pt", nets, evs, cfg, "mean_teacher")

@@ -250,3 +250,56 @@ def test_missing_datalist_and_requested_key(tmp_path):
     with pytest.raises(DataError, match="no key \\['test'\\]") as exc:
         check_datalist(path, keys=["test"])
     assert "datalist.json" in str(exc.value)
+
+
+# ------------------------------------------------------------------------------------- repeats and leakage
+
+
+def _rewrite(path: Path, edit) -> Path:
+    dl = json.loads(path.read_text())
+    edit(dl)
+    path.write_text(json.dumps(dl))
+    return path
+
+
+@pytest.mark.parametrize("spelling", ["imagesTr/c1.nii.gz", "./imagesTr/../imagesTr/c1.nii.gz"])
+def test_case_listed_twice_in_one_key_is_refused_naming_both_entries(tmp_path, spelling):
+    path = _rewrite(
+        _dataset(tmp_path), lambda dl: dl["training"].append({"image": spelling, "label": "labelsTr/c1.nii.gz"})
+    )
+    for call in (check_datalist, load_datalist, lambda p: load_datalist(p, keys="training", check_files=False)):
+        with pytest.raises(MedsslError, match=r"training\[3\] repeats training\[1\]: image imagesTr/c1.nii.gz"):
+            call(path)
+
+
+def test_unlabeled_case_listed_twice_is_refused(tmp_path):
+    path = _rewrite(_dataset(tmp_path), lambda dl: dl["unlabeled"].append("imagesUn/u0.nii.gz"))
+    with pytest.raises(MedsslError, match=r"unlabeled\[1\] repeats unlabeled\[0\]"):
+        load_datalist(path)
+
+
+def test_validation_image_in_training_is_refused_as_leakage(tmp_path):
+    path = _rewrite(_dataset(tmp_path), lambda dl: dl["training"].append(dict(dl["validation"][0])))
+    leak = r"validation\[0\] and training\[3\] share image imagesTr/c3.nii.gz \(leakage"
+    with pytest.raises(MedsslError, match=leak):
+        check_datalist(path)
+    # a bundle that loads only one key still refuses the file
+    from medssl.engines.utils import image_records
+
+    with pytest.raises(MedsslError, match=leak):
+        image_records(path, ["training"])
+
+
+def test_check_cli_refuses_a_duplicated_case_with_exit_2(tmp_path, capsys):
+    from medssl.cli import main
+
+    path = _rewrite(_dataset(tmp_path), lambda dl: dl["training"].append(dict(dl["training"][0])))
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"medssl: error: {path}: training[3] repeats training[0]" in err
+
+
+def test_same_image_in_training_and_unlabeled_is_allowed(tmp_path):
+    # SSL may use a labeled image as unlabeled data too: that is no leakage into validation
+    path = _rewrite(_dataset(tmp_path), lambda dl: dl["unlabeled"].append("imagesTr/c0.nii.gz"))
+    assert "unlabeled: 2 items (0 with label)" in check_datalist(path)

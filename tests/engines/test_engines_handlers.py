@@ -16,6 +16,7 @@ from medssl.checkpoint import load_checkpoint
 from medssl.engines import utils
 from medssl.engines.handlers import (
     CheckpointHandler,
+    CsvLog,
     MetricHistory,
     capture_transform_rng,
     image_grid,
@@ -96,7 +97,7 @@ def test_best_follows_the_metric_and_last_holds_everything(tmp_path):
     # model.pt is rewritten only when val_loss improves (epochs 1 and 3)
     assert [b["epoch"] for b in bests] == [1, 1, 3, 3]
     best = load_checkpoint(tmp_path / "model.pt")
-    assert best["best"] == {"metric": "val_loss", "value": 0.3, "epoch": 3, "iteration": 9}
+    assert best["best"] == {"metric": "val_loss", "value": 0.3, "epoch": 3, "iteration": 9, "selected_by": "best"}
     assert best["stage"] == "unit" and best["labels"] == {"0": "background"}
     assert "optimizer" not in best
     last = load_checkpoint(tmp_path / "last.pt")
@@ -124,7 +125,7 @@ def test_iteration_level_validation_and_validation_at_start(tmp_path):
     engine.run(data, max_epochs=2)
     best = load_checkpoint(tmp_path / "model.pt")["best"]
     # the start value (0.1, untrained weights) selects nothing; 0.5 at iteration 4 beats 0.9 and 0.7
-    assert best == {"metric": "val_loss", "value": 0.5, "epoch": 2, "iteration": 4}
+    assert best == {"metric": "val_loss", "value": 0.5, "epoch": 2, "iteration": 4, "selected_by": "best"}
     assert load_checkpoint(tmp_path / "model.pt")["progress"] == {"epoch": 2, "iteration": 4}
 
 
@@ -132,6 +133,20 @@ def test_run_stopped_mid_epoch_still_writes_last(tmp_path):
     engine, *_, data, _ = _training(tmp_path, 1, values={})
     engine.run(data, max_iters=4)  # 3 iterations per epoch: stops inside epoch 2
     assert load_checkpoint(tmp_path / "last.pt")["progress"] == {"epoch": 2, "iteration": 4}
+
+
+@pytest.mark.parametrize("with_evaluator", [True, False])
+def test_run_without_any_validation_writes_final_weights_as_model(tmp_path, caplog, with_evaluator):
+    """val_interval beyond the budget: no validation ever runs, yet model.pt must exist and say what it holds."""
+    engine, net, *_, data, _ = _training(tmp_path, 1, values={} if with_evaluator else None)
+    with caplog.at_level("WARNING", logger="medssl.engines.handlers"):
+        engine.run(data, max_iters=4)  # stops mid-epoch: no EPOCH_COMPLETED save either
+    ckpt = load_checkpoint(tmp_path / "model.pt")
+    assert ckpt["best"] == {"metric": "val_loss", "value": None, "epoch": 2, "iteration": 4, "selected_by": "final"}
+    for k, v in net.state_dict().items():
+        assert torch.equal(ckpt["state_dict"][k], v), k
+    warned = [r.message for r in caplog.records if "selected_by: final" in r.message]
+    assert len(warned) == (1 if with_evaluator else 0)
 
 
 def test_exact_resume_matches_an_uninterrupted_run(tmp_path):
@@ -216,6 +231,52 @@ def test_metric_history_appends(tmp_path):
     assert len(MetricHistory.read(tmp_path / "m.csv")) == 3
     MetricHistory(tmp_path / "m.csv", ["val_l1"])(state)  # a new run starts it again
     assert MetricHistory.read(tmp_path / "m.csv") == [{"epoch": 3.0, "val_l1": 0.1}]
+
+
+def test_resumed_metric_history_drops_the_epochs_it_logs_again(tmp_path):
+    """Killed after validating epochs 1..4 but checkpointed at 2: the resumed run logs 3 and 4 again, once."""
+
+    def at(epoch, value):
+        return types.SimpleNamespace(state=types.SimpleNamespace(epoch=epoch, metrics={"val_l1": value}))
+
+    h = MetricHistory(tmp_path / "m.csv", ["val_l1"])
+    for epoch in (1, 2, 3, 4):
+        h(at(epoch, 1.0))
+    resumed = MetricHistory(tmp_path / "m.csv", ["val_l1"], append=True)
+    resumed(at(3, 0.5))
+    resumed(at(4, 0.25))
+    rows = MetricHistory.read(tmp_path / "m.csv")
+    assert [(r["epoch"], r["val_l1"]) for r in rows] == [(1, 1.0), (2, 1.0), (3, 0.5), (4, 0.25)]
+
+
+def test_csv_log_truncates_after_the_resumed_step(tmp_path):
+    log = CsvLog(tmp_path / "v.csv")
+    for it in (2, 4, 6, 8):
+        log.append(["iteration", "dice"], [it, it / 10])
+    resumed = CsvLog(tmp_path / "v.csv", append=True, step_column="iteration")
+    assert resumed.truncate_after("iteration", 4) == 2
+    assert [r["iteration"] for r in CsvLog.read(tmp_path / "v.csv")] == [2, 4]
+    resumed.append(["iteration", "dice"], [4, 0.9])  # a validation at start of the resumed run: replaces row 4
+    resumed.append(["iteration", "dice"], [6, 0.7])
+    rows = CsvLog.read(tmp_path / "v.csv")
+    assert [(r["iteration"], r["dice"]) for r in rows] == [(2, 0.2), (4, 0.9), (6, 0.7)]
+    assert CsvLog(tmp_path / "v.csv").truncate_after("iteration", 0) == 0  # a fresh log is not edited
+
+
+def test_per_class_dice_logger_truncates_at_the_restored_iteration(tmp_path):
+    from medssl.engines.seg_handlers import PerClassDiceLogger
+
+    path = tmp_path / "val.csv"
+    CsvLog(path).append(["iteration", "epoch", "val_mean_dice"], [2, 1, 0.1])
+    CsvLog(path, append=True).append(["iteration", "epoch", "val_mean_dice"], [4, 2, 0.2])
+    CsvLog(path, append=True).append(["iteration", "epoch", "val_mean_dice"], [6, 3, 0.3])
+    logger = PerClassDiceLogger(FakeEvaluator({}), {0: "bg", 1: "organ"}, csv_path=path, append=True)
+    trainer = Engine(lambda e, x: None)
+    trainer.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "iteration", 2))  # the restore
+    logger.attach(trainer)
+    trainer.add_event_handler(Events.STARTED, lambda e: e.terminate())
+    trainer.run([0], max_epochs=1)
+    assert [r["iteration"] for r in CsvLog.read(path)] == [2]
 
 
 def test_image_grid_layout_and_scaling(tmp_path):
@@ -325,3 +386,23 @@ def test_pick_scalars_and_first_output():
     out = {"loss": torch.tensor(2.0), "lr": 0.1, "pred": torch.zeros(2)}
     assert utils.pick_scalars(["loss", "lr", "absent"])(out) == {"loss": 2.0, "lr": 0.1}
     assert utils.first_output((torch.ones(1), [torch.zeros(1)])).item() == 1.0
+
+
+def test_best_of_checkpoint_without_validation_writes_first_candidate_final(tmp_path, caplog):
+    from medssl.engines.mt_handlers import BestOfCheckpoint
+
+    teacher, student = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    evaluators = {"teacher": FakeEvaluator({}), "student": FakeEvaluator({})}
+    best = BestOfCheckpoint(
+        tmp_path / "model.pt", {"teacher": teacher, "student": student}, evaluators, NET_CONFIG, "mean_teacher"
+    )
+    engine = Engine(lambda e, x: 0.0)
+    best.attach(engine)
+    with caplog.at_level("WARNING", logger="medssl.engines.mt_handlers"):
+        engine.run([0, 1, 2], max_epochs=2)
+    ckpt = load_checkpoint(tmp_path / "model.pt")
+    assert ckpt["best"]["selected_by"] == "final" and ckpt["best"]["network"] == "teacher"
+    assert ckpt["best"]["value"] is None and ckpt["progress"] == {"epoch": 2, "iteration": 6}
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(ckpt["state_dict"][k], v), k
+    assert any("selected_by: final" in r.message for r in caplog.records)

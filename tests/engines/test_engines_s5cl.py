@@ -106,7 +106,7 @@ def test_switch_to_pseudo_labels_at_the_configured_step(start, expected):
     # instance contrast (no labels) before the switch, the classifier's labels after it
     assert [c is None for c in calls] == [i < expected for i in range(1, 7)]
     assert all(c.shape == (4,) and c.max() < 3 for c in calls if c is not None)
-    assert all(0.0 <= s["pseudo_label_accuracy"] <= 1.0 for s in seen)  # true labels are in the batch
+    assert seen and all(0.0 <= s["pseudo_label_accuracy"] <= 1.0 for s in seen)  # true labels are in the batch
 
 
 def test_confidence_threshold_masks_pseudo_labels():
@@ -122,8 +122,8 @@ def test_confidence_threshold_masks_pseudo_labels():
     trainer.run()
     masks = [mask for _, _, mask in spied]
     # an untrained 3-class head is never 99 % sure: every unlabeled sample stays an instance
-    assert all(m is not None and not m.any() for m in masks)
-    assert all(s["pseudo_label_confident"] == 0.0 for s in seen)
+    assert masks and all(m is not None and not m.any() for m in masks)
+    assert seen and all(s["pseudo_label_confident"] == 0.0 for s in seen)
 
 
 def test_training_learns_and_cycles_the_labeled_loader():

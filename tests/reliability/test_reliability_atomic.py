@@ -119,7 +119,34 @@ def test_a_failed_write_leaves_nothing_and_the_file_keeps_its_mode(tmp_path):
         atomic_write(target, boom)
     assert list(tmp_path.iterdir()) == []
     atomic_write(target, lambda f: f.write(b"ok"))
-    umask = os.umask(0)
-    os.umask(umask)
-    assert target.read_bytes() == b"ok" and (target.stat().st_mode & 0o777) == 0o666 & ~umask
+    assert target.read_bytes() == b"ok"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_files_get_the_mode_of_a_plain_open(tmp_path, umask):
+    """mkstemp creates 0600 files; an atomically written result must be as readable as open() would make it."""
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
+
+
+def test_atomic_write_all_changes_no_file_when_one_write_fails(tmp_path):
+    from medssl.atomic import atomic_write_all
+
+    a, b = tmp_path / "a.csv", tmp_path / "b.md"
+    atomic_write_all({a: lambda f: f.write(b"old a"), b: lambda f: f.write(b"old b")})
+
+    def boom(f):
+        raise RuntimeError("bad value")
+
+    with pytest.raises(RuntimeError, match="bad value"):
+        atomic_write_all({a: lambda f: f.write(b"new a"), b: boom})
+    assert a.read_bytes() == b"old a" and b.read_bytes() == b"old b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.md"]

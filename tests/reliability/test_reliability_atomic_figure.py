@@ -22,9 +22,23 @@ def test_figure_is_written_whole_and_a_failed_save_keeps_the_previous_file(tmp_p
     first = path.read_bytes()
     assert first.startswith(PNG_MAGIC)
 
-    # a savefig that dies half way (here: an unknown keyword, raised inside matplotlib's writer)
-    with pytest.raises(TypeError):
-        atomic_save_figure(fig, path, not_a_savefig_option=1)
+    # a savefig that dies half way: it has written part of a PNG into whatever it was given (a path or a file)
+    # when the disk fills up; a plain fig.savefig(path) would leave the truncated PNG in place of the old one
+    real_savefig = fig.savefig
+
+    def dies_half_way(target, **kwargs):
+        data = first[: len(first) // 2]
+        if hasattr(target, "write"):
+            target.write(data)
+        else:
+            with open(target, "wb") as f:
+                f.write(data)
+        raise OSError("No space left on device")
+
+    fig.savefig = dies_half_way
+    with pytest.raises(OSError, match="No space left"):
+        atomic_save_figure(fig, path)
+    fig.savefig = real_savefig
     plt.close(fig)
     assert path.read_bytes() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["views.png"]

@@ -7,6 +7,7 @@ so that the first step of epoch 2 returns NaN; the run must stop with a message 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -75,4 +76,50 @@ def test_nan_in_ssl_pretrain_stops_and_keeps_last_good_checkpoint(stopped_run):
 def test_nan_message_names_every_ssl_loss_part(stopped_run):
     err = stopped_run[3]
     assert {"loss", "loss_reconstruction", "loss_contrastive"} <= set(err.parts)
-    assert err.parts["loss_reconstruction"] == err.parts["loss_reconstruction"]  # the poisoned step kept it finite
+    assert math.isfinite(err.parts["loss_reconstruction"])  # the poisoned step kept it finite
+    assert math.isnan(err.parts["loss_contrastive"]) and math.isnan(err.parts["loss"])
+
+
+TRAINING_BUNDLES = {
+    "ssl_pretrain": ["ssl_pretrain.yaml"],
+    "btcv_unetr": ["btcv_unetr.yaml"],
+    "la_vnet": ["la_vnet.yaml"],
+    "mean_teacher": ["mean_teacher.yaml"],
+    "mean_teacher_btcv": ["mean_teacher.yaml", "mean_teacher_btcv.yaml"],
+    "s5cl": ["s5cl.yaml"],
+}
+
+
+def test_every_training_bundle_is_listed():
+    """A new training bundle must join the guard check below (every bundle with a trainer is one)."""
+    import yaml
+
+    with_trainer = set()
+    for path in (REPO / "bundles").glob("*.yaml"):
+        config = yaml.safe_load(path.read_text()) or {}
+        if isinstance(config.get("train"), dict) and "trainer" in config["train"]:
+            with_trainer.add(path.name)
+    listed = {files[0] for files in TRAINING_BUNDLES.values()}
+    assert with_trainer == listed
+
+
+@pytest.mark.parametrize("overlays", [["tiny.yaml"], ["tiny.yaml", "multi_gpu.yaml"]])
+@pytest.mark.parametrize("name", sorted(TRAINING_BUNDLES))
+def test_every_training_bundle_hands_the_nan_guard_to_its_trainer(name, overlays):
+    from monai.bundle import ConfigParser
+
+    from medssl.engines.distributed import output_handler_types
+
+    parser = ConfigParser()
+    parser.read_config([str(REPO / "bundles" / f) for f in TRAINING_BUNDLES[name] + overlays])
+    handlers = parser["train"]["trainer"]["train_handlers"]
+    # the trainer takes @train#handlers, directly or through main_process_only (which keeps the guard on every rank)
+    assert handlers in ("@train#handlers", "$medssl.engines.distributed.main_process_only(@train#handlers)"), handlers
+    targets = [h.get("_target_") if isinstance(h, dict) else h for h in parser["train"]["handlers"]]
+    assert GUARD in parser["train"]["handlers"], f"{name}: no NonFiniteLossGuard in train#handlers {targets}"
+    # the guard sits right before the checkpoint handler, so on any shared event it fires before a save
+    guard = targets.index(GUARD["_target_"])
+    assert targets[guard + 1] == "medssl.engines.handlers.CheckpointHandler", targets
+    from medssl.engines.guards import NonFiniteLossGuard
+
+    assert not issubclass(NonFiniteLossGuard, output_handler_types())

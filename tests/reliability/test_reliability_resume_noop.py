@@ -19,8 +19,9 @@ from medssl.engines.handlers import CheckpointHandler
 NET_CONFIG = {"_target_": "torch.nn.Linear", "in_features": 4, "out_features": 1}
 
 
-def _run(out, resume: bool, epochs: int = 2) -> None:
-    torch.manual_seed(0)
+def _run(out, resume: bool, epochs: int = 2, seed: int = 0) -> int:
+    """Train (or resume) and return how many iterations this call ran."""
+    torch.manual_seed(seed)
     data = [{"image": torch.randn(4), "label": torch.randn(1)} for _ in range(4)]
     net = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -36,24 +37,30 @@ def _run(out, resume: bool, epochs: int = 2) -> None:
     )
     # stands in for a validation at start, which draws from torch's RNG when it creates its loader iterator
     trainer.add_event_handler(Events.STARTED, lambda _: torch.rand(1))
+    ran = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: ran.append(e.state.iteration))
     trainer.run()
+    return len(ran)
 
 
 @pytest.fixture
 def finished(tmp_path):
-    _run(tmp_path, resume=False)
+    assert _run(tmp_path, resume=False) == 4
     before = load_checkpoint(tmp_path / "last.pt")
-    _run(tmp_path, resume=True)
-    return before, load_checkpoint(tmp_path / "last.pt")
+    # another seed, as a new process would have: another initial network and RNG state until the restore, so
+    # a resume that were ignored (a fresh run) could not reproduce the saved weights and RNG by chance
+    ran = _run(tmp_path, resume=True, seed=1)
+    return before, load_checkpoint(tmp_path / "last.pt"), ran
 
 
 def test_noop_resume_keeps_weights_and_progress(finished):
-    before, after = finished
+    before, after, ran = finished
+    assert ran == 0  # restored at the end of the run: nothing left to train
     assert after["progress"] == before["progress"] == {"epoch": 2, "iteration": 4}
     for k, v in before["state_dict"].items():
         assert torch.equal(v, after["state_dict"][k])
 
 
 def test_noop_resume_keeps_rng_state(finished):
-    before, after = finished
+    before, after, _ = finished
     assert torch.equal(before["rng"]["torch"], after["rng"]["torch"])

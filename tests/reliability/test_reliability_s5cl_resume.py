@@ -82,7 +82,7 @@ def test_resume_mid_labeled_pass_and_after_the_switch_is_exact(tmp_path):
     saved = load_checkpoint(tmp_path / "b" / "last.pt")
     assert saved["progress"] == {"epoch": 2, "iteration": 8}
     assert 8 % LABELED_BATCHES != 0, "the stop must fall inside a labeled pass"
-    assert all(steps_b[i] == steps_a[i] for i in steps_b)  # same start as the unbroken run
+    assert steps_b and all(steps_b[i] == steps_a[i] for i in steps_b)  # same start as the unbroken run
 
     second, net_b, opt_b, steps_c = _build(tmp_path / "b", 4, resume=True)
     torch.manual_seed(999)  # a new process: another global RNG state until the restore
