@@ -92,7 +92,7 @@ def run_demo(out_dir: str | Path = "demo", *, seed: int = 0, budget: int = 24) -
         overrides={"cache_rate": 1.0, "num_workers": 0},
         val_interval=budget,
         device="cpu",
-        precision="bf16",
+        precision="auto",
     )
     paths = _step(
         f"label-efficiency study: tiny SSL pretraining, then 2 / 4 labeled x scratch / pretrained / mean_teacher x "

@@ -97,7 +97,7 @@ class StudyConfig:
         overlays: bundle overlays applied to every run (e.g. ``bundles/tiny.yaml``).
         overrides: extra bundle id overrides applied to every run (pretraining included).
         val_interval: validation interval (iterations) of the study's training runs; default: the bundles'.
-        device / precision: passed to the bundles and to inference.
+        device / precision: passed to the bundles and to inference (precision ``auto``: see medssl.precision).
         bundles_dir: where the bundle files are (default: the checkout's ``bundles/``).
     """
 
@@ -115,7 +115,7 @@ class StudyConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     val_interval: int | None = None
     device: str = "auto"
-    precision: str = "bf16"
+    precision: str = "auto"
     bundles_dir: str | None = None
 
     @classmethod

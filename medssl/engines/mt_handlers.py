@@ -33,7 +33,7 @@ import torch
 
 from medssl.checkpoint import save_checkpoint
 from medssl.engines.ema import unwrap_model
-from medssl.engines.handlers import CsvLog
+from medssl.engines.handlers import CsvLog, engine_precision
 from medssl.engines.utils import as_bool
 
 __all__ = ["BestOfCheckpoint", "ValidationLog", "StopAtIteration", "BatchNormRecalibration"]
@@ -163,6 +163,7 @@ class BestOfCheckpoint:
                 labels=self.labels,
                 progress={"epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration)},
                 best=dict(self.best),
+                **engine_precision(engine),
             )
         logger.info(f"{self.path.name}: {name} {self.key_metric} {value:.4f} (iteration {engine.state.iteration})")
 

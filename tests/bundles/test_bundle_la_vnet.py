@@ -114,7 +114,7 @@ def test_full_recipe_defaults(tmp_path):
         "dice_weight": 0.5,
         "num_classes": 2,
         "base_filters": 16,
-        "precision": "bf16",
+        "precision": "auto",
         "pretrained_ckpt": None,
         "resume": False,
     }
