@@ -233,16 +233,15 @@ def resolve_precision(precision: str, device: str | torch.device | None = "cpu")
     if precision == "auto" and key not in _logged:
         _logged.add(key)
         logger.info(describe_precision(precision, dev))
-    if dev.type == "cpu" and used == "bf16" and precision == "bf16" and "cpu" not in _warned:
+    if dev.type == "cpu" and used == "bf16" and "cpu" not in _warned and not native_cpu_bf16():
+        _warned.add("cpu")
         probe = cpu_probe()
-        if not probe.native_bf16:
-            _warned.add("cpu")
-            warnings.warn(
-                f"precision bf16 on a CPU without native bf16 (capability {probe.capability}): a bf16 convolution "
-                f"took {probe.conv_ratio:.0f}x the fp32 time in the probe; precision auto or fp32 runs fp32 here",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        warnings.warn(
+            f"precision bf16 on a CPU without native bf16 (capability {probe.capability}): a bf16 convolution "
+            f"took {probe.conv_ratio:.0f}x the fp32 time in the probe; precision auto or fp32 runs fp32 here",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return used
 
 

@@ -182,6 +182,9 @@ def test_logged_dice_matches_a_naive_recomputation(tiny_run, tiny_ct):
     # the run's precision (auto) and what it resolved to are in the checkpoint; validate again in the same one
     assert ckpt["precision"]["requested"] == "auto" and ckpt["precision"]["used"] in ("bf16", "fp32")
     used = ckpt["precision"]["used"]
+    from medssl.checkpoint import describe_checkpoint
+
+    assert f"precision:     auto -> {used} (CPU capability " in describe_checkpoint(ckpt)  # medssl inspect
     inferer = AutocastInferer(SlidingWindowInferer([32, 32, 32], sw_batch_size=4, overlap=0.5), "cpu", used)
     with torch.no_grad():
         pred = inferer(data["image"][None], net)[0].argmax(0).numpy()
