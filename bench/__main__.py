@@ -18,6 +18,7 @@ BENCHMARKS = {
     "inference": "bench.inference",
     "loader": "bench.loader",
     "loss_curve": "bench.loss_curve",
+    "precision": "bench.precision",
 }
 
 

@@ -6,7 +6,8 @@ for every repetition two separate worker processes, so that each one's peak RSS 
 
 * ``baseline``: :func:`medssl.inference.reference.monai_reference_labels`: MONAI preprocessing, fp32
   ``sliding_window_inference(overlap=0.5, sw_batch_size=4)``, softmax, ``Invertd`` on the probabilities, argmax;
-* ``medssl``: ``Predictor(precision=bf16, overlap=0.25, mode=gaussian)`` (the ``medssl infer`` defaults).
+* ``medssl``: ``Predictor(precision=auto, overlap=0.25, mode=gaussian)`` (the ``medssl infer`` defaults: what a
+  user gets; ``--precision bf16`` or ``fp32`` to time one precision).
 
 Both are timed from reading the file to labels on the input grid (writing excluded). The report gives the
 median and min–max wall time and peak RSS per pipeline, their ratios, and the agreement of the two label maps
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--roi", type=int, default=96, help="sliding-window roi (default: 96)")
     p.add_argument("--repeats", type=int, default=1, help="repetitions of each pipeline")
     p.add_argument("--threads", type=int, default=2, help="torch threads per worker")
-    p.add_argument("--precision", default="bf16", help="medssl precision (default: bf16)")
+    p.add_argument("--precision", default="auto", help="medssl precision (default: auto, as medssl infer)")
     p.add_argument("--overlap", type=float, default=0.25, help="medssl overlap (default: 0.25)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-steps", type=int, default=0, help="train the network on the volume first (default: 0)")

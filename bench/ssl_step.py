@@ -11,6 +11,8 @@ Cases (same initial weights, same batches in the same order, interleaved A B C A
 * ``medssl+levers``: the same trainer and recipe with the levers proposed for the bundle:
   :func:`medssl.networks.patch_conv.use_patch_matmul` (patch embedding and transposed convolutions as matmuls),
   :func:`medssl.networks.attention.use_fused_attention` (SDPA), ``Adam(fused=True)`` and ``optim_set_to_none=True`` (no zero-filling of gradients).
+* ``medssl default``: ``medssl+levers`` in precision ``auto`` (the bundle as a user runs it: bf16 only where this
+  CPU runs it fast, see :mod:`medssl.precision`), so its ratio to the fp32 baseline is what a user gets.
 
 A step trains on ``--batch`` crops (each crop gives two views, so the network sees ``2 × batch`` volumes).
 samples/s counts crops. Achieved FLOP/s = FLOPs of one step (forward + backward of the network on 2 × batch
@@ -44,7 +46,7 @@ from bench.workloads import Cycle, count_flops, ssl_batches, vit_autoenc_kwargs
 
 __all__ = ["CASES", "build_cases", "main"]
 
-CASES = ("baseline", "medssl", "medssl+levers")
+CASES = ("baseline", "medssl", "medssl+levers", "medssl default")
 
 
 def _baseline_step(model, batches: Cycle, lr: float, losses: list[float]) -> Callable[[], None]:
@@ -70,7 +72,9 @@ def _baseline_step(model, batches: Cycle, lr: float, losses: list[float]) -> Cal
     return step
 
 
-def _medssl_step(model, batches: Cycle, lr: float, losses: list[float], fused: bool, tmp: str) -> Callable[[], None]:
+def _medssl_step(
+    model, batches: Cycle, lr: float, losses: list[float], fused: bool, tmp: str, precision: str = "bf16"
+) -> Callable[[], None]:
     import torch
     from ignite.engine import Events
 
@@ -84,7 +88,7 @@ def _medssl_step(model, batches: Cycle, lr: float, losses: list[float], fused: b
         use_fused_attention(use_patch_matmul(model))
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
     trainer = TwoViewSSLTrainer(device="cpu", max_epochs=1, train_data_loader=batches, network=model, optimizer=opt,
-                                loss_function=ReconstructionContrastiveLoss(temperature=0.05), precision="bf16",
+                                loss_function=ReconstructionContrastiveLoss(temperature=0.05), precision=precision,
                                 epoch_length=1, train_handlers=[NonFiniteLossGuard(output_dir=tmp)],
                                 optim_set_to_none=fused)  # fmt: skip
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"])))
@@ -110,7 +114,8 @@ def build_cases(
         if name == "baseline":
             steps[name] = _baseline_step(model, Cycle(batches), lr, losses[name])
         else:
-            steps[name] = _medssl_step(model, Cycle(batches), lr, losses[name], name == "medssl+levers", tmp)
+            precision = "auto" if name == "medssl default" else "bf16"
+            steps[name] = _medssl_step(model, Cycle(batches), lr, losses[name], name != "medssl", tmp, precision)
     return steps, losses, model0, batches
 
 

@@ -2,8 +2,9 @@
 
 Every benchmark times its cases in one process, interleaved (A B A B ... after the warm-up), so that a load
 change on a shared machine hits all cases alike; it reports the median, min and max of the repetitions, the ratio
-of the medians, the load average before and after, and the machine (CPU model, cores, AMX, torch / MONAI
-versions, torch threads). :func:`write_report` writes ``runs/bench/<name>.md`` and ``runs/bench/<name>.json``.
+of the medians, the load average before and after, and the machine (CPU model, cores, AMX, torch's CPU
+capability, the precision ``auto`` picks here, torch / MONAI versions, torch threads). :func:`write_report`
+writes ``runs/bench/<name>.md`` and ``runs/bench/<name>.json``.
 """
 
 from __future__ import annotations
@@ -85,9 +86,11 @@ def _cpu_flags() -> list[str]:
 
 
 def machine_facts() -> dict[str, Any]:
-    """CPU model, logical cores (and the ones this process may use), AMX / AVX-512 flags, versions, threads."""
+    """CPU model, cores (and the usable ones), AMX / AVX-512 flags, CPU capability, ``auto``'s precision, versions."""
     import monai
     import torch
+
+    from medssl.precision import cpu_capability, precision_record
 
     cores = os.cpu_count()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
@@ -96,12 +99,20 @@ def machine_facts() -> dict[str, Any]:
         "cores": cores,
         "usable_cores": usable,
         "cpu_flags": _cpu_flags(),
+        "cpu_capability": cpu_capability(),
+        "precision_auto": precision_record("auto", "cpu"),
         "torch": torch.__version__,
         "monai": monai.__version__,
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
     }
+
+
+def _auto_line(record: Mapping[str, Any] | None) -> str:
+    if not record:
+        return "precision auto: not recorded"
+    return f"precision auto -> {record['used']} ({record['reason']})"
 
 
 def set_threads(threads: int) -> None:
@@ -182,6 +193,7 @@ def write_report(
         f"## {title}\n\n{m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable; "
         f"{' '.join(m['cpu_flags']) or 'no AMX / AVX-512 flags'}), torch {m['torch']}, MONAI {m['monai']}, "
         f"{m['torch_threads']} torch threads; load average before {load.get('before')}, after {load.get('after')}.\n"
+        f"CPU capability {m.get('cpu_capability')}; {_auto_line(m.get('precision_auto'))}.\n"
     )
     text = header + "\n" + body.rstrip() + "\n"
     md, js = out / f"{name}.md", out / f"{name}.json"

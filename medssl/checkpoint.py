@@ -11,7 +11,10 @@ A ``model.pt`` holds tensors and plain values only::
         "stage": "ssl_pretrain",
         "progress": {"epoch": 3, "iteration": 120},
         "versions": {"medssl": ..., "monai": ..., "torch": ...},
+        "precision": {"requested": "auto", "used": "fp32", "reason": "CPU capability AVX2, no native bf16", ...},
     }
+
+(``precision``: written by the training handlers, see :func:`medssl.precision.precision_record`.)
 
 ``last.pt`` adds ``optimizer``, ``scheduler``, ``teacher`` and ``rng`` for exact resume. Files are written to
 a temporary file in the same folder, fsynced, then renamed over the target, so a kill during the write leaves
@@ -390,6 +393,9 @@ def describe_checkpoint(ckpt: Mapping[str, Any]) -> str:
         f"labels:        {ckpt.get('labels')}",
         f"versions:      {ckpt.get('versions')}",
     ]
+    if "precision" in ckpt:
+        p = ckpt["precision"]
+        lines.append(f"precision:     {p.get('requested')} -> {p.get('used')} ({p.get('reason')})")
     resume = [k for k in ("optimizer", "scheduler", "teacher", "rng") if k in ckpt]
     if resume:
         lines.append(f"resume state:  {', '.join(resume)}")

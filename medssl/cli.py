@@ -259,7 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", required=True, help="folder for <name>_seg.nii.gz (+ .json sidecar)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--precision", choices=["bf16", "fp32", "amp"], default="bf16", help="(default: bf16)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32", "amp"],
+        default="auto",
+        help="auto: bf16 where this hardware runs it fast, else fp32 (CPU) / amp (CUDA) (default: auto)",
+    )
     p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1) (default: 0.25)")
     p.add_argument("--sw-batch-size", type=int, default=4, help="windows per network call (default: 4)")
     p.add_argument("--mode", choices=["gaussian", "constant"], default="gaussian", help="window blending")
@@ -304,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["btcv", "la"], default=None, help="default: from the datalist's labels")
     p.add_argument("--overlay", nargs="+", default=None, help="bundle overlays for every run, e.g. bundles/tiny.yaml")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: auto)")
-    p.add_argument("--precision", choices=["bf16", "fp32", "amp"], default=None, help="default: bf16")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "amp"], default=None, help="default: auto")
     p.add_argument("--val-interval", type=int, default=None, help="validation interval (default: the bundles')")
     p.add_argument("--jobs", type=int, default=None, help="cells trained at once, one process each (default: 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: CPU count / jobs)")

@@ -69,7 +69,7 @@ def run_demo(
     budget: int = DEMO_BUDGET,
     seeds: int = 2,
     jobs: int = 2,
-    precision: str = "fp32",
+    precision: str = "auto",
 ) -> dict[str, object]:
     """Run every demo step into ``out_dir`` and return the paths and numbers it produced."""
     from medssl import resources
@@ -118,9 +118,12 @@ def run_demo(
     print(f"   mean organ Dice of the best global HU window per organ: {baseline:.3f}")
     results["threshold_baseline_dice"] = baseline
 
+    from medssl.precision import resolve_precision
+
+    used = resolve_precision(precision, "cpu")
     title = (
         f"UNETR (ViT 2x96 on 4^3 patches, decoder width 16), {budget} iterations of 4 crops 32^3 at 2x2x4 mm, "
-        f"fp32/auto CPU; CT phantom {DEMO_SHAPE[0]}x{DEMO_SHAPE[1]}x{DEMO_SHAPE[2]}, organs: {organs}; "
+        f"{precision} -> {used} on CPU; CT phantom {DEMO_SHAPE[0]}x{DEMO_SHAPE[1]}x{DEMO_SHAPE[2]}, organs: {organs}; "
         f"'pretrained' starts from {SSL_ASSET} (make assets); validation: 2 volumes, final model"
     )
     study_cfg = StudyConfig(
@@ -199,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=2, help="study seeds (default: 2)")
     parser.add_argument("--budget", type=int, default=DEMO_BUDGET, help=f"iterations per run (default: {DEMO_BUDGET})")
     parser.add_argument("--jobs", type=int, default=2, help="cells trained at once (default: 2)")
-    parser.add_argument("--precision", default="fp32", help="auto | fp32 | bf16 (default: fp32)")
+    parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (default: auto)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from medssl.errors import MedsslError

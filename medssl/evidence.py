@@ -117,7 +117,7 @@ def run_evidence(
     seeds: int | None = None,
     budget: int | None = None,
     jobs: int = 2,
-    precision: str = "fp32",
+    precision: str = "auto",
 ) -> dict[str, Path]:
     """Run (or resume) the evidence studies and write ``docs_dir/results.{csv,md,png}``.
 
@@ -129,6 +129,9 @@ def run_evidence(
     from medssl.errors import ConfigError
     from medssl.study import StudyConfig, run_study
 
+    from medssl.precision import resolve_precision
+
+    used = resolve_precision(precision, "cpu")
     tasks = list(only or EVIDENCE)
     unknown = [t for t in tasks if t not in EVIDENCE]
     if unknown:
@@ -160,7 +163,7 @@ def run_evidence(
             precision=precision,
             jobs=jobs,
             pretrained=str(asset) if any(m.startswith("pretrained") for m in study["methods"]) else None,
-            title=f"{spec['title']}; {study['budget']} iterations; {precision} on CPU",
+            title=f"{spec['title']}; {study['budget']} iterations; {precision} -> {used} on CPU",
             reference=reference,
             **study,
         )
@@ -170,7 +173,7 @@ def run_evidence(
         sections[task] = {"cfg": cfg, "paths": paths, "seconds": time.perf_counter() - t0}
     full = not (only or labeled or seeds or budget)
     commit = _git_commit(resources.project_home("bundles"))
-    return _write_report(docs, sections, _machine(precision), commit, time.perf_counter() - start, full)
+    return _write_report(docs, sections, _machine(f"{precision} -> {used}"), commit, time.perf_counter() - start, full)
 
 
 def _write_report(
@@ -236,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, help="number of seeds (default: each study's, 3)")
     parser.add_argument("--budget", type=int, help="iterations per cell (default: each study's)")
     parser.add_argument("--jobs", type=int, default=2, help="cells trained at once (default: 2)")
-    parser.add_argument("--precision", default="fp32", help="auto | fp32 | bf16 (default: fp32)")
+    parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (default: auto)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from medssl.errors import MedsslError

@@ -108,7 +108,7 @@ class StudyConfig:
         overlays: bundle overlays applied to every run (e.g. ``bundles/tiny.yaml``).
         overrides: extra bundle id overrides applied to every run (pretraining included).
         val_interval: validation interval (iterations) of the study's training runs; default: the bundles'.
-        device / precision: passed to the bundles and to inference.
+        device / precision: passed to the bundles and to inference (precision ``auto``: see medssl.precision).
         bundles_dir: where the bundle files are (default: the checkout's ``bundles/``).
         jobs: cells trained at once, each in its own process (on a CPU, small networks run faster as N
             one-thread processes than as one N-thread process); 1 = one after another.
@@ -136,7 +136,7 @@ class StudyConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     val_interval: int | None = None
     device: str = "auto"
-    precision: str = "bf16"
+    precision: str = "auto"
     bundles_dir: str | None = None
     jobs: int = 1
     threads: int | None = None

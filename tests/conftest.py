@@ -15,6 +15,20 @@ SMALL_CT_SHAPE = (64, 64, 32)
 SMALL_LA_SHAPE = (64, 64, 40)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Skip ``@pytest.mark.native_bf16`` tests where bf16 is not native: they would run 50-300x slower there."""
+    from medssl.precision import cpu_capability, native_cpu_bf16
+
+    if native_cpu_bf16():
+        return
+    skip = pytest.mark.skip(
+        reason=f"needs native bf16; this CPU (capability {cpu_capability()}) runs bf16 convolutions 50-300x slower"
+    )
+    for item in items:
+        if "native_bf16" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -17,6 +17,7 @@ RUNS = {
     "finetune_step": ["--batch", "1"],
     "loader": ["--workers", "0", "--volumes", "2", "--batch-size", "2", "--model-batch", "1"],
     "loss_curve": ["--steps", "2", "--batch", "1"],
+    "precision": [],
 }
 
 
@@ -35,6 +36,10 @@ def _check_report(out: Path, name: str) -> dict:
     assert md.startswith("## ") and "|---|" in md and "Command: `python -m bench " in md
     assert data["machine"]["cpu"] and data["machine"]["torch"]
     assert set(data["load_average"]) == {"before", "after"}
+    # every report states the CPU capability and what precision auto chose here
+    auto = data["machine"]["precision_auto"]
+    assert data["machine"]["cpu_capability"] and auto["requested"] == "auto" and auto["used"] in ("bf16", "fp32")
+    assert f"CPU capability {data['machine']['cpu_capability']}; precision auto -> {auto['used']} (" in md
     return data
 
 
@@ -45,7 +50,7 @@ def test_benchmark_writes_its_table(name, tmp_path):
     data = _check_report(tmp_path, name)
     assert data["machine"]["torch_threads"] == 1
     if name in ("ssl_step", "finetune_step"):
-        assert set(data["seconds"]) == {"baseline", "medssl", "medssl+levers"}
+        assert set(data["seconds"]) == {"baseline", "medssl", "medssl+levers", "medssl default"}
         assert all(s["median"] > 0 for s in data["seconds"].values())
         assert data["flops_per_step"] > 0
         # the first step of every case sees the same weights and batch: the losses agree to bf16 rounding
@@ -56,6 +61,11 @@ def test_benchmark_writes_its_table(name, tmp_path):
         assert all(len(v) == 2 for curves in data["losses"].values() for v in curves.values())
     if name == "matmul":
         assert all(r["bf16"]["median"] > 0 and r["fp32"]["median"] > 0 for r in data["results"].values())
+    if name == "precision":
+        from medssl.precision import native_cpu_bf16
+
+        cases = {"medssl default", "fp32"} | ({"bf16"} if native_cpu_bf16() else set())  # slow bf16 skipped
+        assert all(set(data["seconds"][w]) == cases for w in ("validation", "infer"))
     if name == "loader":
         assert data["model_crops_per_s"] > 0 and data["crops_per_epoch"] == {"num_workers=0": 4}
 

@@ -277,7 +277,7 @@ def test_very_small_study_runs_end_to_end(ct_phantom, tmp_path, repo_root):
         overrides={"cache_rate": 1.0, "num_workers": 0},
         val_interval=3,
         device="cpu",
-        precision="bf16",
+        precision="auto",
     )
     paths = run_study(cfg)
     with open(paths["csv"]) as f:

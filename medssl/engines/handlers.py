@@ -40,6 +40,7 @@ from medssl.errors import CheckpointError
 
 __all__ = [
     "CheckpointHandler",
+    "engine_precision",
     "CsvLog",
     "MetricHistory",
     "image_grid",
@@ -71,6 +72,7 @@ _RESERVED = {
     "transform_rng",
     "rng_ranks",
     "best",
+    "precision",
 }
 
 
@@ -143,6 +145,20 @@ def restore_transform_rng(transform: Any, saved: Mapping[str, Any]) -> None:
 
 
 # -------------------------------------------------------------------------------------------- checkpoints
+
+
+def engine_precision(engine) -> dict[str, Any]:
+    """``{"precision": record}`` of the precision a medssl trainer ran in (``{}`` for engines without one).
+
+    The record (:func:`medssl.precision.precision_record`) says what was requested, what ran and why, so a
+    checkpoint trained under ``auto`` tells which precision its numbers came from.
+    """
+    from medssl.precision import precision_record
+
+    precision = getattr(engine, "precision", None)
+    if precision is None:
+        return {}
+    return {"precision": precision_record(precision, getattr(engine.state, "device", None) or "cpu")}
 
 
 def _rank(rank: int | None) -> int:
@@ -330,6 +346,7 @@ class CheckpointHandler:
             "labels": self.labels,
             "progress": {"epoch": engine.state.epoch, "iteration": engine.state.iteration},
             "best": dict(self.best),
+            **engine_precision(engine),
         }
 
     def save_best(self, engine) -> Path | None:

@@ -242,7 +242,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
         ema_decay, ema_buffers: see :class:`~medssl.engines.ema.EMATeacherHandler`.
         teacher_norm: BatchNorm statistics of the teacher's training forward, ``"batch"`` (default) or
             ``"running"`` (see :func:`mean_teacher_losses`); validation always uses running statistics.
-        precision: ``"fp32"`` | ``"bf16"`` | ``"amp"`` (see ``medssl.engines.utils``).
+        precision: ``"auto"`` | ``"fp32"`` | ``"bf16"`` | ``"amp"`` (see ``medssl.engines.utils``).
         kwargs: passed to ``SupervisedTrainer`` (``train_handlers``, ``prepare_batch``, ...).
 
     Raises:
@@ -422,7 +422,7 @@ def make_teacher_student_evaluators(
             key_val_metric={metric_name: metric},
             val_handlers=list((val_handlers or {}).get(name, [])),
             amp=cuda_amp(device, precision),
-            amp_kwargs=cuda_amp_kwargs(precision),
+            amp_kwargs=cuda_amp_kwargs(precision, device),
             **kwargs,
         )
     return evaluators

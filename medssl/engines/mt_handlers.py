@@ -33,7 +33,7 @@ import torch
 
 from medssl.checkpoint import save_checkpoint
 from medssl.engines.ema import unwrap_model
-from medssl.engines.handlers import CsvLog
+from medssl.engines.handlers import CsvLog, engine_precision
 from medssl.engines.utils import as_bool
 
 __all__ = ["BestOfCheckpoint", "ValidationLog", "StopAtIteration", "BatchNormRecalibration"]
@@ -191,6 +191,7 @@ class BestOfCheckpoint:
                 labels=self.labels,
                 progress={"epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration)},
                 best=dict(self.best),
+                **engine_precision(engine),
             )
 
     def state_dict(self) -> dict[str, Any]:

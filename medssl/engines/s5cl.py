@@ -470,7 +470,7 @@ class S5CLTrainer(SupervisedTrainer):
         tokens_per_volume: segmentation: contrast a random subset of this many token positions per step (the same
             positions in both views), to bound the ``(2 * B * N)²`` similarity matrix; ``None``: every token.
         gather_distributed: SupCon negatives from every DDP rank.
-        precision: ``"bf16"``, ``"amp"`` or ``"fp32"`` (see :func:`medssl.engines.utils.autocast`).
+        precision: ``"auto"``, ``"bf16"``, ``"amp"`` or ``"fp32"`` (see :func:`medssl.engines.utils.autocast`).
         weak_key, strong_key, label_key, true_label_key: batch keys.
         labeled_seed: seeds the order of every labeled pass (with the pass index); ``None``: ``torch.initial_seed()``
             at construction, i.e. the bundle's ``seed`` after ``seed_everything``. A ``RandomSampler`` (``shuffle``)

@@ -41,7 +41,7 @@ class TwoViewSSLTrainer(SupervisedTrainer):
         optimizer: the optimizer.
         loss_function: called as ``loss_function(recon1, recon2, clean)`` → ``{"total", "reconstruction",
             "contrastive"}`` (e.g. :class:`medssl.losses.ssl.ReconstructionContrastiveLoss`).
-        precision: ``"bf16"``, ``"amp"`` or ``"fp32"`` (see :func:`medssl.engines.utils.autocast`).
+        precision: ``"auto"``, ``"bf16"``, ``"amp"`` or ``"fp32"`` (see :func:`medssl.engines.utils.autocast`).
         view_keys: the two view keys.
         clean_key: the clean target key.
         kwargs: other ``SupervisedTrainer`` arguments (``epoch_length``, ``train_handlers``, ...).

@@ -39,7 +39,7 @@ class AutocastInferer:
         inferer: e.g. ``monai.inferers.SimpleInferer()`` or ``SlidingWindowInferer(roi_size, sw_batch_size)``;
             ``None`` calls the network directly.
         device: the device the network runs on.
-        precision: ``"bf16"``, ``"amp"`` or ``"fp32"`` (see :func:`medssl.engines.utils.autocast`).
+        precision: ``"auto"``, ``"bf16"``, ``"amp"`` or ``"fp32"`` (see :func:`medssl.engines.utils.autocast`).
 
     Example::
 
@@ -76,7 +76,7 @@ class SupervisedSegTrainer(SupervisedTrainer):
         network, optimizer, loss_function: as ``SupervisedTrainer``.
         max_iterations: optimizer steps to run; training stops after exactly this many.
         max_epochs: alternatively, epochs to run (give one of the two).
-        precision: ``"bf16"``, ``"amp"`` (fp16 + ``GradScaler`` on CUDA, fp32 on CPU) or ``"fp32"``.
+        precision: ``"auto"``, ``"bf16"``, ``"amp"`` (fp16 + ``GradScaler`` on CUDA, fp32 on CPU) or ``"fp32"``.
         inferer: the training forward (default: the network on the whole batch).
         kwargs: other ``SupervisedTrainer`` arguments (``train_handlers``, ``postprocessing``, ...).
 
@@ -122,7 +122,7 @@ class SupervisedSegTrainer(SupervisedTrainer):
             loss_function=loss_function,
             inferer=AutocastInferer(inferer, device, precision),
             amp=uses_grad_scaler(device, precision),
-            amp_kwargs=cuda_amp_kwargs(precision),
+            amp_kwargs=cuda_amp_kwargs(precision, device),
             **kwargs,
         )
         self.precision = precision

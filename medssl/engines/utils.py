@@ -1,7 +1,8 @@
 """Small pieces every medssl training bundle shares: device and precision, seeding, batches, data records.
 
 MONAI's engines only autocast on CUDA (``amp=True`` → ``torch.autocast("cuda")`` + ``GradScaler``). medssl adds
-a ``precision`` id with three values so the same bundle runs everywhere:
+a ``precision`` id so the same bundle runs everywhere; ``auto`` (the default) becomes one of the other three
+through :func:`medssl.precision.resolve_precision` (bf16 only where the hardware runs it fast):
 
 =========  ==========================  ==============================
 precision  CPU                         CUDA
@@ -26,11 +27,11 @@ from typing import Any
 import torch
 
 from medssl.errors import ConfigError, DataError
+from medssl.precision import resolve_precision
 
 __all__ = [
     "backward_and_step",
     "reject_reserved",
-    "PRECISIONS",
     "resolve_device",
     "as_bool",
     "autocast",
@@ -50,8 +51,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-PRECISIONS = ("bf16", "fp32", "amp")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -95,16 +94,10 @@ def as_bool(value: Any, name: str = "value") -> bool:
     raise ConfigError(name, f"expected true or false, got {value!r}")
 
 
-def _check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ConfigError("precision", f"unknown precision {precision!r} (use one of {', '.join(PRECISIONS)})")
-    return precision
-
-
 def autocast(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The autocast context for ``precision`` on ``device`` (a ``nullcontext`` when no autocast applies)."""
     dev = torch.device(device)
-    precision = _check_precision(precision)
+    precision = resolve_precision(precision, dev)
     if precision == "fp32":
         return contextlib.nullcontext()
     if dev.type == "cuda":
@@ -117,17 +110,27 @@ def autocast(device: str | torch.device, precision: str) -> contextlib.AbstractC
 
 def uses_grad_scaler(device: str | torch.device, precision: str) -> bool:
     """fp16 needs loss scaling; bf16 has fp32's exponent range and does not."""
-    return torch.device(device).type == "cuda" and _check_precision(precision) == "amp"
+    dev = torch.device(device)
+    return dev.type == "cuda" and resolve_precision(precision, dev) == "amp"
 
 
 def cuda_amp(device: str | torch.device, precision: str) -> bool:
     """The ``amp`` flag for MONAI engines (evaluators): they autocast on CUDA only."""
-    return torch.device(device).type == "cuda" and _check_precision(precision) != "fp32"
+    dev = torch.device(device)
+    return dev.type == "cuda" and resolve_precision(precision, dev) != "fp32"
 
 
-def cuda_amp_kwargs(precision: str) -> dict:
-    """The ``amp_kwargs`` for MONAI engines matching :func:`autocast` on CUDA."""
-    return {"dtype": torch.bfloat16 if _check_precision(precision) == "bf16" else torch.float16}
+def cuda_amp_kwargs(precision: str, device: str | torch.device | None = None) -> dict:
+    """The ``amp_kwargs`` for MONAI engines matching :func:`autocast` on CUDA.
+
+    Args:
+        precision: as :func:`autocast`.
+        device: where the engine runs; ``auto`` resolves for it (default: CUDA when available). Off CUDA the
+            kwargs are unused (:func:`cuda_amp` is False) and ``auto`` gives fp16's.
+    """
+    dev = torch.device("cuda" if device is None and torch.cuda.is_available() else (device or "cpu"))
+    used = resolve_precision(precision, dev) if dev.type == "cuda" or precision != "auto" else "amp"
+    return {"dtype": torch.bfloat16 if used == "bf16" else torch.float16}
 
 
 def seed_everything(seed: int | None, deterministic: bool = False) -> int | None:

@@ -7,7 +7,8 @@ training):
    :class:`~medssl.errors.DataError` stating the estimate when it does not fit;
 2. the checkpoint's preprocessing chain (:func:`medssl.transforms.presets.preprocessing_from_summary`) without
    the training-time foreground crop, so the prediction covers the whole field of view;
-3. :func:`medssl.inference.window.sliding_window_segment` with a bf16 network on CPU (AMP on CUDA): logits
+3. :func:`medssl.inference.window.sliding_window_segment` in the precision ``auto`` picks (a bf16 network on
+   a CPU with fast native bf16, fp32 on others; bf16 or AMP on CUDA): logits
    are blended slab by slab and argmax-ed as slabs complete;
 4. labels back to the input grid through the separable voxel map (:mod:`medssl.inference.grid`): nearest
    neighbour, then, on label boundaries only, the argmax of linearly interpolated float16 probabilities;
@@ -140,8 +141,10 @@ class Predictor:
         model: path of a ``model.pt`` (or the loaded checkpoint dict). Its ``network``, ``state_dict``,
             ``preprocessing`` (with ``roi_size``) and ``labels`` are used.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        precision: ``"bf16"`` (on CPU the network is cast to bfloat16 in channels-last memory; on CUDA bf16
-            autocast), ``"amp"`` (fp16 autocast on CUDA, fp32 on CPU) or ``"fp32"``.
+        precision: ``"auto"`` (default: :func:`medssl.precision.resolve_precision` picks one of the others for
+            this hardware), ``"bf16"`` (on CPU the network is cast to bfloat16 in channels-last memory; on CUDA
+            bf16 autocast), ``"amp"`` (fp16 autocast on CUDA, fp32 on CPU) or ``"fp32"``. The resolved value
+            is kept in ``self.precision`` and written to each sidecar.
         overlap: sliding-window overlap in ``[0, 1)``.
         sw_batch_size: windows per network call.
         mode: window blending, ``"gaussian"`` or ``"constant"``.
@@ -164,7 +167,7 @@ class Predictor:
 
     Example::
 
-        predictor = Predictor("runs/btcv/model.pt", precision="bf16")
+        predictor = Predictor("runs/btcv/model.pt")  # precision auto
         report = predictor.predict_paths(["scans/"], "runs/infer")
     """
 
@@ -173,7 +176,7 @@ class Predictor:
         model: str | os.PathLike | Mapping[str, Any],
         *,
         device: str | torch.device = "auto",
-        precision: str = "bf16",
+        precision: str = "auto",
         overlap: float = 0.25,
         sw_batch_size: int = 4,
         mode: str = "gaussian",
@@ -184,7 +187,8 @@ class Predictor:
         memory_limit: int | None = None,
     ):
         from medssl.checkpoint import build_network, check_network_config, load_checkpoint, out_of_memory_building
-        from medssl.engines.utils import PRECISIONS, resolve_device
+        from medssl.engines.utils import resolve_device
+        from medssl.precision import PRECISIONS, resolve_precision
 
         if precision not in PRECISIONS:
             raise ConfigError("precision", f"unknown precision {precision!r} (use one of {', '.join(PRECISIONS)})")
@@ -222,7 +226,7 @@ class Predictor:
             self.labels = {str(i): f"class_{i}" for i in range(self.num_classes)}
         self.stage = ckpt.get("stage")
         self.device = resolve_device(device)
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device, training=False)
         self.overlap = float(overlap)
         self.sw_batch_size = int(sw_batch_size)
         self.mode = mode
@@ -243,7 +247,7 @@ class Predictor:
         if oom is not None:  # raised here, so the failed allocation's frames are freed
             del network
             raise oom
-        self._bf16_network = self.device.type == "cpu" and precision == "bf16"
+        self._bf16_network = self.device.type == "cpu" and self.precision == "bf16"
         if self._bf16_network:
             # CPU autocast re-casts activations around every norm layer (copies took ~40% of UNETR's time); a bf16
             # network in channels-last memory runs oneDNN's bf16 kernels end to end.
@@ -506,7 +510,7 @@ def infer(
     output_dir: str | os.PathLike,
     *,
     device: str = "auto",
-    precision: str = "bf16",
+    precision: str = "auto",
     overlap: float = 0.25,
     sw_batch_size: int = 4,
     mode: str = "gaussian",

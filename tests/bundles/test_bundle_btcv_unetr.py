@@ -122,7 +122,7 @@ def test_full_recipe_defaults(tmp_path):
         "num_heads": 12,
         "patch_size": 16,
         "proj_type": "conv",
-        "precision": "bf16",
+        "precision": "auto",
         "pretrained_ckpt": None,
         "resume": False,
     }
@@ -179,7 +179,13 @@ def test_logged_dice_matches_a_naive_recomputation(tiny_run, tiny_ct):
     case = json.loads((tiny_ct / "datalist.json").read_text())["validation"][0]
     item = {k: str(tiny_ct / v) for k, v in case.items()}
     data = Compose(preprocessing_from_summary(ckpt["preprocessing"], keys=["image", "label"]))(item)
-    inferer = AutocastInferer(SlidingWindowInferer([32, 32, 32], sw_batch_size=4, overlap=0.5), "cpu", "bf16")
+    # the run's precision (auto) and what it resolved to are in the checkpoint; validate again in the same one
+    assert ckpt["precision"]["requested"] == "auto" and ckpt["precision"]["used"] in ("bf16", "fp32")
+    used = ckpt["precision"]["used"]
+    from medssl.checkpoint import describe_checkpoint
+
+    assert f"precision:     auto -> {used} (CPU capability " in describe_checkpoint(ckpt)  # medssl inspect
+    inferer = AutocastInferer(SlidingWindowInferer([32, 32, 32], sw_batch_size=4, overlap=0.5), "cpu", used)
     with torch.no_grad():
         pred = inferer(data["image"][None], net)[0].argmax(0).numpy()
     ref = np.asarray(data["label"][0]).round().astype(int)

@@ -103,8 +103,11 @@ def test_tiny_run_tensorboard(tiny_run):
 def test_resume_restores_the_teacher_exactly(la_data, tmp_path):
     """3 iterations (one epoch), then resume to 6: teacher restored bit for bit, and the same end as 6 straight."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    _workflow([BUNDLE, TINY], la_data, straight, max_iterations=6, val_interval=3).run()
-    _workflow([BUNDLE, TINY], la_data, split, max_iterations=3, val_interval=3).run()
+    # fp32: the bit-for-bit comparison is about resume; oneDNN's bf16 V-Net kernels on an AVX512-BF16 Zen 5 differ
+    # in the last bits between the straight and the resumed run (fp32 ones do not), which precision auto may pick
+    common = {"val_interval": 3, "precision": "fp32"}
+    _workflow([BUNDLE, TINY], la_data, straight, max_iterations=6, **common).run()
+    _workflow([BUNDLE, TINY], la_data, split, max_iterations=3, **common).run()
     saved = load_checkpoint(split / "last.pt")
     assert saved["progress"] == {"epoch": 1, "iteration": 3}
     # an earlier continuation validated at iteration 6 and was killed before its next last.pt (Mean Teacher saves
@@ -114,7 +117,7 @@ def test_resume_restores_the_teacher_exactly(la_data, tmp_path):
     with open(split / "val_metrics.csv", "a", newline="") as f:
         csv.writer(f).writerow(["6", "2"] + ["0.123"] * (len(header) - 2))
 
-    wf = _workflow([BUNDLE, TINY], la_data, split, max_iterations=6, val_interval=3, resume=True)
+    wf = _workflow([BUNDLE, TINY], la_data, split, max_iterations=6, resume=True, **common)
     trainer = wf.parser.get_parsed_content("train#trainer")
     seen = {}
 

@@ -166,7 +166,7 @@ def test_full_recipe_defaults(tmp_path):
         "shuffle_prob": 0.8,
         "shuffle_holes": 10,
         "shuffle_size": 8,
-        "precision": "bf16",
+        "precision": "auto",
         "resume": False,
         "pretrained_ckpt": None,
     }

@@ -82,9 +82,21 @@ def test_two_rank_step_equals_one_process_step_on_the_whole_batch(two_rank_step)
     j = sum(rk + ck * rk for rk, ck in zip(r, c)) / 2
     reported_total = sum(x["parts"]["loss"] for x in ranks) / 2
     assert reported_total == pytest.approx(j.item(), rel=1e-5)
-    t = r_full + c_full * r_full
-    cov = sum(rk * ck for rk, ck in zip(r, c)) / 2 - r_full * c_full
-    assert (t - j).item() == pytest.approx(-cov.item(), rel=1e-4, abs=1e-7)
+    # T - J = -cov, checked in float64: in float32 the covariance (about 1e-6 here) is at the resolution of totals
+    # of size |T| (eps 1.2e-7 x |T|), and their rounding follows the CPU's summation order. The tolerance is a few
+    # float64 roundings of the operands' magnitudes, and the covariance must stand far above it.
+    rec64, rec64_2, gt64 = rec1.double(), rec2.double(), data["gt_image"].double()
+    r64 = [F.l1_loss(rec64[list(h)], gt64[list(h)]) for h in halves]
+    c64 = [_ntxent_of_anchors(rec64.flatten(1), rec64_2.flatten(1), h, 0.5) for h in halves]
+    r_all = F.l1_loss(rec64, gt64)
+    c_all = _ntxent_of_anchors(rec64.flatten(1), rec64_2.flatten(1), range(2 * w.PER_RANK), 0.5)
+    t = r_all + c_all * r_all
+    j64 = sum(rk + ck * rk for rk, ck in zip(r64, c64)) / 2
+    products = sum(rk * ck for rk, ck in zip(r64, c64)) / 2
+    cov = products - r_all * c_all
+    tol = 16 * torch.finfo(torch.float64).eps * sum(abs(v.item()) for v in (t, j64, products, r_all * c_all))
+    assert abs(cov.item()) > 100 * tol
+    assert (t - j64).item() == pytest.approx(-cov.item(), abs=tol)
 
     # the weights: one SGD step on J in one process
     j.backward()

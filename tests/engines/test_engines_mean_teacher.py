@@ -279,6 +279,7 @@ def test_trainer_rejects_inconsistent_settings():
         MeanTeacherTrainer("cpu", 1, loader, net, opt, labeled_batch_size=1, accumulation_steps=2)
 
 
+@pytest.mark.native_bf16
 def test_trainer_iteration_bf16_on_cpu():
     student = _net()
     teacher = make_teacher(student)

@@ -27,7 +27,11 @@ def test_fused_attention_matches_explicit_vitautoenc():
     out_ref.square().mean().backward()
     out_fused.square().mean().backward()
     for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-6, msg=name)
+        # the two kernels sum in different orders (and per CPU kind): near-zero entries carry the rounding of the
+        # tensor's largest terms, about 1e3 float32 eps of its scale, not a fixed 1e-6
+        scale = 0.0 if a.grad is None else a.grad.abs().max().item()
+        atol = 1e3 * torch.finfo(torch.float32).eps * scale
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=atol, msg=name)
 
 
 def test_fused_attention_unetr_and_switch_back():
