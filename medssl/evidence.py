@@ -127,9 +127,8 @@ def run_evidence(
     from medssl.assets import SSL_ASSET, _git_commit
     from medssl.data.phantoms import ensure_phantom
     from medssl.errors import ConfigError
-    from medssl.study import StudyConfig, run_study
-
     from medssl.precision import resolve_precision
+    from medssl.study import StudyConfig, run_study
 
     used = resolve_precision(precision, "cpu")
     tasks = list(only or EVIDENCE)
