@@ -173,3 +173,37 @@ def test_la_raw_nrrd_and_dataset(tmp_path):
     np.testing.assert_allclose(nii.affine, affine, atol=1e-4)
     assert set(np.unique(np.asarray(nii.dataobj)).tolist()) == {0, 1}
     assert LA_LABELS[1] == "left atrium"
+
+
+def test_organ_subset_relabels_in_btcv_order_and_keeps_the_image(tmp_path):
+    import json
+
+    import nibabel as nib
+
+    from medssl.data.phantoms import generate_phantom_dataset, make_ct_abdomen, organ_subset
+
+    assert organ_subset(["liver", "spleen", "right_kidney"]) == {0: "background", 1: "spleen", 2: "right kidney",
+                                                                 3: "liver"}  # fmt: skip
+    assert organ_subset(None)[13] == "left adrenal gland"
+    datalist = generate_phantom_dataset("ct-abdomen", tmp_path / "ds", cases=2, unlabeled=0, seed=0,
+                                        shape=(64, 64, 32), organs=["liver", "spleen", "right_kidney"])  # fmt: skip
+    dl = json.loads(datalist.read_text())
+    assert dl["labels"] == {"0": "background", "1": "spleen", "2": "right kidney", "3": "liver"}
+    assert dl["phantom"]["organs"] == ["spleen", "right kidney", "liver"]
+    image, label, _ = make_ct_abdomen(0, (64, 64, 32), case=0)
+    item = dl["training"][0]
+    written = np.asarray(nib.load(datalist.parent / item["label"]).dataobj)
+    expected = np.select([label == 1, label == 2, label == 6], [1, 2, 3], 0)
+    np.testing.assert_array_equal(written, expected)  # other organs are background, the image is unchanged
+    np.testing.assert_array_equal(np.asarray(nib.load(datalist.parent / item["image"]).dataobj), image)
+
+
+@pytest.mark.parametrize("kind, organs, words", [("ct-abdomen", ["lung"], "unknown organ 'lung'"),
+                                                 ("ct-abdomen", ["liver", "6"], "listed twice"),
+                                                 ("la-mri", ["liver"], "only the ct-abdomen")])  # fmt: skip
+def test_bad_organ_sets_are_refused_before_writing(tmp_path, kind, organs, words):
+    from medssl.data.phantoms import generate_phantom_dataset
+
+    with pytest.raises(ConfigError, match=words):
+        generate_phantom_dataset(kind, tmp_path / "ds", cases=2, unlabeled=0, organs=organs)
+    assert not (tmp_path / "ds").exists()
