@@ -32,7 +32,7 @@ log = logging.getLogger("medssl.demo")
 
 DEMO_SHAPE = (96, 96, 48)
 DEMO_ORGANS = ("spleen", "right kidney", "left kidney", "liver", "stomach")
-DEMO_BUDGET = 250
+DEMO_BUDGET = 300
 DEMO_LABELED = (1, 2)
 
 
@@ -122,7 +122,8 @@ def run_demo(
 
     used = resolve_precision(precision, "cpu")
     title = (
-        f"UNETR (ViT 2x96 on 4^3 patches, decoder width 16), {budget} iterations of 4 crops 32^3 at 2x2x4 mm, "
+        f"UNETR (ViT 2x96 on 4^3 patches, decoder width 16), {budget} iterations of 2 crops 32^3 at 2x2x4 mm "
+        f"(random affine augmentation), "
         f"{precision} -> {used} on CPU; CT phantom {DEMO_SHAPE[0]}x{DEMO_SHAPE[1]}x{DEMO_SHAPE[2]}, organs: {organs}; "
         f"'pretrained' starts from {SSL_ASSET} (make assets); validation: 2 volumes, final model"
     )
@@ -135,7 +136,7 @@ def run_demo(
         budget=budget,
         pretrained=str(asset),
         overlays=[str(bundles / "cpu_study.yaml")],
-        overrides={"num_classes": len(DEMO_ORGANS) + 1},
+        overrides={"num_classes": len(DEMO_ORGANS) + 1, "num_samples": 2},
         val_interval=budget,
         device="cpu",
         precision=precision,

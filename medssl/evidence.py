@@ -55,13 +55,13 @@ EVIDENCE: dict[str, dict[str, Any]] = {
             "labeled": [1, 2, 4],
             "methods": ["scratch", "pretrained", "mean_teacher", "pretrained_mean_teacher"],
             "seeds": 3,
-            "budget": 250,
+            "budget": 300,
             # every method sees 2 labeled crops per step: scratch / pretrained 2 crops of one volume, Mean Teacher
             # 2 labeled + 2 unlabeled (its recipe's split); the consistency ramp-up (40 units) scaled to the
             # budget as the recipe's 40 x 150 is to its 25k iterations
             "overrides": {"num_classes": 6, "num_samples": 2},
             "method_overrides": {
-                m: {"batch_size": 4, "consistency_rampup_unit": 6} for m in ("mean_teacher", "pretrained_mean_teacher")
+                m: {"batch_size": 4, "consistency_rampup_unit": 8} for m in ("mean_teacher", "pretrained_mean_teacher")
             },
         },
         "overlays": ["cpu_study.yaml"],
