@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medssl.study_fingerprint import file_sha256
+
 __all__ = ["SSL_ASSET", "ASSET_POOL", "make_ssl_asset", "file_sha256", "main"]
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,6 @@ SSL_ASSET = "ssl_vit_ct_cpu.pt"
 ASSET_POOL = {"seed": 1000, "cases": 2, "unlabeled": 32, "shape": (96, 96, 48)}
 ASSET_EPOCHS = 40  # 9 iterations of 4 volumes x 2 crops x 2 views per epoch (34 volumes)
 ASSET_THREADS = 2
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _git_commit(root: Path) -> str | None:
