@@ -582,15 +582,15 @@ def render_gains(gains: Mapping[tuple[str, int], Mapping[int, float]]) -> str:
         mean, sd = _mean_sd(values)
         per_seed = ", ".join(f"s{s}: {100 * by_seed[s]:+.1f}" for s in sorted(by_seed))
         # the study's criterion: every seed the same sign and the mean larger than one sd of the per-seed gains
-        verdict = "n/a (1 seed)"
-        if len(values) > 1:
+        verdict = f"n/a ({len(values)} seed{'s' if len(values) > 1 else ''}; needs 3)"
+        if len(values) >= 3:
             same_sign = all(v > 0 for v in values) or all(v < 0 for v in values)
             verdict = "yes" if same_sign and abs(mean) > sd else "no"
         lines.append(f"| {method} | {n} | {per_seed} | {100 * mean:+.1f} ± {100 * sd:.1f} | {verdict} |")
     lines.append("")
     lines.append(
         "Gain = the method's mean foreground Dice minus scratch's with the same seed (the same labeled volumes and "
-        "budget). 'beyond seed spread': all seeds of one sign and |mean| > sd of the per-seed gains."
+        "budget). 'beyond seed spread': at least 3 seeds, all of one sign, and |mean| > sd of the per-seed gains."
     )
     return "\n".join(lines) + "\n"
 

@@ -27,15 +27,20 @@ def test_paired_gains_are_per_seed_differences_against_scratch():
             ("pretrained", 1, 1): [0.3],
             ("mean_teacher", 1, 0): [0.45],
             ("mean_teacher", 1, 1): [0.3],
+            ("scratch", 1, 2): [0.5],
+            ("pretrained", 1, 2): [0.6],
+            ("mean_teacher", 1, 2): [0.5],
         }
     )
     gains = paired_gains(rows, ["scratch", "pretrained", "mean_teacher"], [1])
-    assert gains[("pretrained", 1)] == pytest.approx({0: 0.2, 1: 0.1})
-    assert gains[("mean_teacher", 1)] == pytest.approx({0: -0.05, 1: 0.1})
+    assert gains[("pretrained", 1)] == pytest.approx({0: 0.2, 1: 0.1, 2: 0.1})
+    assert gains[("mean_teacher", 1)] == pytest.approx({0: -0.05, 1: 0.1, 2: 0.0})
     text = render_gains(gains)
-    # +15.0 ± 7.1 with both seeds positive: beyond the spread; MT's gains change sign: not
-    assert "| pretrained | 1 | s0: +20.0, s1: +10.0 | +15.0 ± 7.1 | yes |" in text
-    assert "| mean_teacher | 1 | s0: -5.0, s1: +10.0 | +2.5 ± 10.6 | no |" in text
+    # +13.3 ± 5.8 with every seed positive: beyond the spread; MT's gains change sign: not
+    assert "| pretrained | 1 | s0: +20.0, s1: +10.0, s2: +10.0 | +13.3 ± 5.8 | yes |" in text
+    assert "| mean_teacher | 1 | s0: -5.0, s1: +10.0, s2: +0.0 | +1.7 ± 7.6 | no |" in text
+    two = render_gains({("pretrained", 1): {0: 0.2, 1: 0.1}})
+    assert "| +15.0 ± 7.1 | n/a (2 seeds; needs 3) |" in two  # two seeds give no verdict
 
 
 def test_results_carry_title_reference_and_gains(tmp_path):
