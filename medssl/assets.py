@@ -87,8 +87,8 @@ def make_ssl_asset(
 
     out, work = Path(out_dir), Path(work_dir)
     out.mkdir(parents=True, exist_ok=True)
+    bundles = resources.bundles_dir()  # before any work: a wrong MEDSSL_HOME fails at once
     pool = ensure_phantom("ct-abdomen", work / "ssl_pool", **{**ASSET_POOL, "shape": tuple(ASSET_POOL["shape"])})
-    bundles = resources.bundles_dir()
     files = [bundles / "ssl_pretrain.yaml", bundles / "cpu_study.yaml"]
     run_dir = work / "ssl_pretrain"
     overrides = {
@@ -152,14 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=ASSET_THREADS, help="torch threads (default: 2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from medssl.errors import MedsslError
+    from medssl.errors import run_reporting_errors
 
-    try:
-        make_ssl_asset(args.out, work_dir=args.work, epochs=args.epochs, threads=args.threads)
-    except MedsslError as e:
-        print(f"medssl: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_errors(make_ssl_asset, args.out, work_dir=args.work, epochs=args.epochs, threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -206,15 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (default: auto)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from medssl.errors import MedsslError
+    from medssl.errors import run_reporting_errors
 
     start = time.perf_counter()
-    try:
-        run_demo(args.out, seed=args.seed, budget=args.budget, seeds=args.seeds, jobs=args.jobs,
-                 precision=args.precision)  # fmt: skip
-    except MedsslError as e:
-        print(f"medssl: error: {e}", file=sys.stderr)
-        return 2
+    code = run_reporting_errors(run_demo, args.out, seed=args.seed, budget=args.budget, seeds=args.seeds,
+                                jobs=args.jobs, precision=args.precision)  # fmt: skip
+    if code:
+        return code
     print(f"\nmedssl demo finished in {time.perf_counter() - start:.0f} s; outputs under {Path(args.out).resolve()}")
     return 0
 

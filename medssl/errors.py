@@ -14,6 +14,7 @@ __all__ = [
     "ErrorList",
     "is_out_of_memory",
     "attempted_allocation",
+    "run_reporting_errors",
 ]
 
 
@@ -79,3 +80,17 @@ def attempted_allocation(error: BaseException) -> str | None:
     if text.endswith("bytes"):
         return f"{int(text.split()[0]) / 2**30:.2f} GiB"
     return text
+
+
+def run_reporting_errors(fn, *args, **kwargs) -> int:
+    """Call ``fn`` for a ``python -m medssl.X`` entry point: 0 when it returns, 2 after printing a
+    :class:`MedsslError` as ``medssl: error: <file>: <problem>`` lines on stderr (as the ``medssl`` CLI does)."""
+    import sys
+
+    try:
+        fn(*args, **kwargs)
+    except MedsslError as e:
+        for line in str(e).splitlines():
+            print(f"medssl: error: {line}", file=sys.stderr, flush=True)
+        return 2
+    return 0

@@ -244,15 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16 (default: auto)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from medssl.errors import MedsslError
+    from medssl.errors import run_reporting_errors
 
-    try:
-        run_evidence(args.out, args.docs, only=args.only, labeled=args.labeled, seeds=args.seeds,
-                     budget=args.budget, jobs=args.jobs, precision=args.precision)  # fmt: skip
-    except MedsslError as e:
-        print(f"medssl: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_errors(run_evidence, args.out, args.docs, only=args.only, labeled=args.labeled,
+                                seeds=args.seeds, budget=args.budget, jobs=args.jobs, precision=args.precision)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -46,3 +46,13 @@ def test_partial_run_writes_a_report_marked_partial(tmp_path, monkeypatch):
     assert {r["task"] for r in rows} == {"ct"} and {r["labeled"] for r in rows} == {"1"}
     assert json.loads((tmp_path / "docs" / "run.json").read_text())["full"] is False
     assert paths["png"].stat().st_size > 1000
+
+
+def test_entry_points_report_user_errors_as_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    from medssl import assets, demo
+
+    monkeypatch.setenv("MEDSSL_HOME", str(tmp_path))  # no bundles/ there: a ConfigError naming the folder
+    for main in (evidence.main, assets.main, demo.main):
+        assert main(["--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("medssl: error: ") and str(tmp_path) in err[0]
