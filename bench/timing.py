@@ -64,16 +64,6 @@ def load_average() -> list[float]:
         return []
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _cpu_flags() -> list[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -90,12 +80,12 @@ def machine_facts() -> dict[str, Any]:
     import monai
     import torch
 
-    from medssl.precision import cpu_capability, precision_record
+    from medssl.precision import cpu_capability, cpu_model, precision_record
 
     cores = os.cpu_count()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": cores,
         "usable_cores": usable,
         "cpu_flags": _cpu_flags(),

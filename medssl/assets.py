@@ -19,7 +19,6 @@ import csv
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -83,6 +82,7 @@ def make_ssl_asset(
     from medssl import resources
     from medssl.checkpoint import load_checkpoint
     from medssl.data.phantoms import ensure_phantom
+    from medssl.precision import cpu_model
     from medssl.study import _bundle_command, _run_logged
 
     out, work = Path(out_dir), Path(work_dir)
@@ -129,7 +129,7 @@ def make_ssl_asset(
         "preprocessing": ckpt.get("preprocessing"),
         "validation_l1": _val_history(run_dir),
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": int(threads),
         },

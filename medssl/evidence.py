@@ -26,7 +26,6 @@ import csv
 import io
 import json
 import logging
-import platform
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -96,8 +95,10 @@ def _machine(precision: str) -> dict[str, Any]:
 
     import torch
 
+    from medssl.precision import cpu_model
+
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "precision": precision,

@@ -39,6 +39,7 @@ __all__ = [
     "BF16_MIN_SPEEDUP",
     "CpuProbe",
     "cpu_capability",
+    "cpu_model",
     "native_cpu_bf16",
     "amx_cpu",
     "cpu_probe",
@@ -108,6 +109,20 @@ def cpu_capability() -> str:
         return str(torch.backends.cpu.get_cpu_capability())
     except Exception:  # an old or unusual build: the capability is only reported, never decided on
         return "unknown"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows; reports only, never decides."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def native_cpu_bf16() -> bool:
