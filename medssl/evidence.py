@@ -106,12 +106,6 @@ def _machine(precision: str) -> dict[str, Any]:
     }
 
 
-def _threshold(datalist: Path) -> float:
-    from medssl.demo import threshold_baseline
-
-    return threshold_baseline(datalist)
-
-
 def run_evidence(
     out_dir: str | Path = "runs/evidence",
     docs_dir: str | Path = "docs/evidence",
@@ -130,6 +124,7 @@ def run_evidence(
     from medssl import resources
     from medssl.assets import SSL_ASSET, _git_commit
     from medssl.data.phantoms import ensure_phantom
+    from medssl.demo import threshold_baseline
     from medssl.errors import ConfigError
     from medssl.precision import resolve_precision
     from medssl.study import StudyConfig, run_study
@@ -156,7 +151,7 @@ def run_evidence(
             study["seeds"] = int(seeds)
         if budget:
             study["budget"] = int(budget)
-        reference = {"oracle intensity threshold": _threshold(datalist)}
+        reference = {"oracle intensity threshold": threshold_baseline(datalist)}
         cfg = StudyConfig(
             datalist=str(datalist),
             out=str(out / task),

@@ -422,11 +422,8 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
     results: dict[tuple[str, int, int], list[dict[str, str]]] = {}
     start = time.perf_counter()
 
-    def cell_dir_of(method: str, n: int, seed: int) -> Path:
-        return out / "cells" / f"{method}_n{n}_seed{seed}"
-
     def run_cell(k: int, method: str, n: int, seed: int) -> None:
-        cell_dir = cell_dir_of(method, n, seed)
+        cell_dir = out / "cells" / _cell_name(method, n, seed)
         tag = f"[{k}/{len(cells)}] {method} n={n} seed={seed}"
         t0 = time.perf_counter()
         datalist_path = cell_dir / "datalist.json"
@@ -474,7 +471,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
 
     pending = []
     for k, (method, n, seed) in enumerate(cells, 1):
-        done = cell_dir_of(method, n, seed) / "done.json"
+        done = out / "cells" / _cell_name(method, n, seed) / "done.json"
         if done.is_file():
             results[(method, n, seed)] = json.loads(done.read_text(encoding="utf-8"))["rows"]
             print(f"[{k}/{len(cells)}] {method} n={n} seed={seed}: finished earlier, skipped", flush=True)

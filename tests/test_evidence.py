@@ -37,7 +37,7 @@ def test_partial_run_writes_a_report_marked_partial(tmp_path, monkeypatch):
         return {"csv": out / "results.csv", "md": out / "results.md"}
 
     monkeypatch.setattr("medssl.study.run_study", fake_study)
-    monkeypatch.setattr(evidence, "_threshold", lambda datalist: 0.25)
+    monkeypatch.setattr("medssl.demo.threshold_baseline", lambda datalist: 0.25)
     paths = evidence.run_evidence(tmp_path / "runs", tmp_path / "docs", only=["ct"], labeled=[1], seeds=2, budget=3)
     md = paths["md"].read_text()
     assert "PARTIAL" in md and "CPU capability" in md and "precision auto ->" in md
