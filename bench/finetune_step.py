@@ -6,8 +6,8 @@ Cases (same weights, same batches in the same order, interleaved A B C A B C ...
   (ViT-B/16, 96³, feature size 16, instance norm, residual blocks), fp32, ``AdamW(lr=1e-4, weight_decay=1e-5)``,
   ``DiceCELoss(to_onehot_y=True, softmax=True)``, ``loss.item()`` every step;
 * ``medssl``: btcv_unetr.yaml's code path: :class:`medssl.engines.supervised.SupervisedSegTrainer` (bf16
-  autocast) on :class:`medssl.networks.unetr.UNETR` with ``skip_layers=(4, 7, 10)`` and the baseline's state
-  dict (the same function as MONAI's UNETR), the bundle's ``NonFiniteLossGuard``;
+  autocast) on :class:`medssl.networks.unetr.UNETR` (its default taps are MONAI's blocks 4 / 7 / 10) and the
+  baseline's state dict (the same function as MONAI's UNETR), the bundle's ``NonFiniteLossGuard``;
 * ``medssl+levers``: the same with :func:`medssl.networks.patch_conv.use_patch_matmul`,
   :func:`medssl.networks.attention.use_fused_attention`, ``AdamW(fused=True)`` and ``optim_set_to_none=True``;
 * ``medssl default``: ``medssl+levers`` in precision ``auto`` (btcv_unetr.yaml as a user runs it: bf16 only where
@@ -109,7 +109,7 @@ def build_cases(
         if name == "baseline":
             steps[name] = _baseline_step(copy.deepcopy(model0), Cycle(batches), losses[name])
             continue
-        model = UNETR(**kwargs, skip_layers=(4, 7, 10), num_layers=12, patch_size=16)
+        model = UNETR(**kwargs, num_layers=12, patch_size=16)
         model.load_state_dict(model0.state_dict(), strict=True)
         precision = "auto" if name == "medssl default" else "bf16"
         steps[name] = _medssl_step(model, Cycle(batches), losses[name], name != "medssl", tmp, precision)

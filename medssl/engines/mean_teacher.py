@@ -49,6 +49,7 @@ from medssl.errors import ConfigError, DataError
 from medssl.losses.consistency import (
     CONSISTENCY_LOSSES,
     ConsistencyWeight,
+    dropout_on,
     masked_mean,
     uamt_threshold,
     uncertainty_mask,
@@ -195,7 +196,10 @@ def mean_teacher_losses(
     def norm_mode() -> contextlib.AbstractContextManager:
         return batchnorm_batch_statistics(teacher) if teacher_norm == "batch" else contextlib.nullcontext()
 
-    with torch.no_grad(), norm_mode():
+    # UA-MT's published code never puts its EMA model in eval mode: with the uncertainty mask, the target pass runs
+    # with dropout on like the stochastic passes (plain Mean Teacher keeps a deterministic target)
+    target_dropout = dropout_on(teacher) if uncertainty_max_steps is not None else contextlib.nullcontext()
+    with torch.no_grad(), norm_mode(), target_dropout:
         teacher_logits = forward(teacher, noise(teacher_in) if noise is not None else teacher_in)
     out: dict[str, Any] = {"pred": pred}
     if uncertainty_max_steps is None:

@@ -32,6 +32,7 @@ __all__ = [
     "uamt_threshold",
     "predictive_entropy",
     "uncertainty_mask",
+    "dropout_on",
     "CONSISTENCY_LOSSES",
 ]
 
@@ -177,7 +178,7 @@ _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
 
 
 @contextlib.contextmanager
-def _dropout_on(module: nn.Module):
+def dropout_on(module: nn.Module):
     """Dropout layers in train mode for the block (everything else, e.g. BatchNorm, keeps its mode)."""
     layers = [m for m in module.modules() if isinstance(m, _DROPOUT)]
     modes = [m.training for m in layers]
@@ -223,7 +224,7 @@ def uncertainty_mask(
     """
     if int(passes) != passes or passes < 1:
         raise ValueError(f"passes must be a positive integer, got {passes!r}")
-    with _dropout_on(teacher) if mc_dropout else contextlib.nullcontext(0) as n_dropout:
+    with dropout_on(teacher) if mc_dropout else contextlib.nullcontext(0) as n_dropout:
         if perturb is None and not n_dropout:
             raise ValueError(
                 "uncertainty needs stochastic teacher passes: give an input perturbation or a teacher with dropout"

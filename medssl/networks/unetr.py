@@ -11,16 +11,17 @@ both as arguments and derives the decoder from them:
   every intermediate resolution ``roi / 2**k`` (``k = 1 .. n-1``), each taken from one transformer block, plus
   a convolutional skip on the input image at full resolution.
 * **Skip depths.** Skip ``k`` (``k = 1 .. n-1``, finest first) reads the hidden state after block
-  ``d_k = min(L, max(k, floor(k * L / n + 1/2)))`` (1-based; ``L`` = ``num_layers``), i.e. evenly spaced depths
-  with the final block feeding the bottleneck. For ``L = 12, n = 4`` that is blocks 3 / 6 / 9, the paper's
-  ``z3, z6, z9``; for ``L = 4``: 1 / 2 / 3; for ``L = 12, n = 3`` (patch 8): 4 / 8. With fewer than ``n - 1``
-  blocks the deepest skips share the last block (``L = 2``: 1 / 2 / 2). ``skip_layers`` overrides the rule.
+  ``d_k = min(L, floor(k * L / n) + 1)`` (1-based; ``L`` = ``num_layers``): MONAI's taps scaled to any depth, the
+  final block feeding the bottleneck. For ``L = 12, n = 4`` that is blocks 4 / 7 / 10, exactly MONAI's
+  ``hidden_states_out[3]``, ``[6]``, ``[9]``, so a MONAI UNETR state dict loaded into this network computes the same
+  function; for ``L = 4``: 2 / 3 / 4; for ``L = 12, n = 3`` (patch 8): 5 / 9. Shallow encoders share blocks
+  between skips (``L = 2``: 1 / 2 / 2). ``skip_layers`` overrides the rule (the paper's ``z3, z6, z9``, which MONAI
+  does not use, is ``skip_layers=(3, 6, 9)``).
 * **MONAI compatibility.** The encoder is a MONAI :class:`~monai.networks.nets.ViT` stored as ``self.vit``, so
   ViTAutoEnc keys ``patch_embedding.* / blocks.N.* / norm.*`` map to ``vit.*`` by name (see
   :func:`medssl.networks.pretrained.load_pretrained_vit`). Decoder modules carry MONAI's names
   (``encoder1 .. encoder{n}``, ``decoder2 .. decoder{n+1}``, ``out``), so a MONAI UNETR state dict loads
-  strictly when ``patch_size=16, num_layers=12``. MONAI's UNETR reads ``hidden_states_out[3/6/9]``, the output
-  of blocks 4 / 7 / 10; pass ``skip_layers=(4, 7, 10)`` to reproduce it exactly.
+  strictly when ``patch_size=16, num_layers=12``, and gives MONAI's outputs with the default skip depths.
 """
 
 from __future__ import annotations
@@ -40,16 +41,17 @@ __all__ = ["UNETR", "skip_depths"]
 def skip_depths(num_layers: int, num_stages: int) -> tuple[int, ...]:
     """1-based transformer blocks whose outputs feed the ``num_stages - 1`` skip connections (finest first).
 
-    ``d_k = min(L, max(k, floor(k * L / num_stages + 1/2)))`` for ``k = 1 .. num_stages - 1`` and
-    ``L = num_layers``: evenly spaced and distinct when ``L >= num_stages - 1``; shallower encoders (tiny test
-    models) share blocks between the deepest skips, e.g. ``L = 2, num_stages = 4`` gives ``(1, 2, 2)``.
+    ``d_k = min(L, floor(k * L / num_stages) + 1)`` for ``k = 1 .. num_stages - 1`` and ``L = num_layers``:
+    MONAI's UNETR taps (``hidden_states_out[3/6/9]`` of 12 blocks, i.e. blocks 4 / 7 / 10) scaled to any depth;
+    distinct when ``L >= num_stages - 1``; shallower encoders (tiny test models) share blocks between the deepest
+    skips, e.g. ``L = 2, num_stages = 4`` gives ``(1, 2, 2)``.
 
     Raises:
         ValueError: when ``num_layers < 1``.
     """
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    return tuple(min(num_layers, max(k, math.floor(k * num_layers / num_stages + 0.5))) for k in range(1, num_stages))
+    return tuple(min(num_layers, (k * num_layers) // num_stages + 1) for k in range(1, num_stages))
 
 
 class UNETR(nn.Module):

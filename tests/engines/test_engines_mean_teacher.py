@@ -116,6 +116,27 @@ def test_uamt_mask_parts():
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_uamt_target_pass_runs_with_dropout_as_published(monkeypatch):
+    """UA-MT's EMA model stays in train mode: its target is stochastic; plain Mean Teacher's target is not."""
+    import medssl.engines.mean_teacher as mt
+
+    # an all-ones mask: the consistency then depends on the target pass only
+    monkeypatch.setattr(mt, "uncertainty_mask", lambda teacher, x, *a, **k: (torch.ones_like(x[:, :1]), None))
+    student, teacher = _net(), make_teacher(_net(seed=1, dropout=0.5))
+    student.eval()  # a deterministic student, so only the teacher's target can change the consistency
+    images, labels = _batch()
+    kw = dict(noise=None, teacher_norm="batch")
+    plain = [_losses(student, teacher, images, labels, **kw)["consistency"].item() for _ in range(2)]
+    assert plain[0] == plain[1]
+    uamt = dict(kw, step=50, uncertainty_max_steps=100, uncertainty_passes=2)
+    torch.manual_seed(0)
+    a = _losses(student, teacher, images, labels, **uamt)
+    torch.manual_seed(1)
+    b = _losses(student, teacher, images, labels, **uamt)
+    assert a["consistency"].item() != b["consistency"].item()
+    assert not any(m.training for m in teacher.modules() if isinstance(m, nn.Dropout3d))  # restored afterwards
+
+
 def test_losses_reject_bad_batches():
     student, teacher = _net(), make_teacher(_net())
     images, labels = _batch()

@@ -15,10 +15,10 @@ TINY = {"hidden_size": 48, "mlp_dim": 96, "num_heads": 4, "feature_size": 8}
 @pytest.mark.parametrize(
     "roi, patch, layers, hidden, skips",
     [
-        ((32, 32, 32), 16, 4, 96, (1, 2, 3)),
-        ((32, 32, 32), 8, 3, 48, (1, 2)),
-        ((64, 64, 32), 16, 12, 48, (3, 6, 9)),
-        ((32, 32, 16), 4, 2, 48, (1,)),
+        ((32, 32, 32), 16, 4, 96, (2, 3, 4)),
+        ((32, 32, 32), 8, 3, 48, (2, 3)),
+        ((64, 64, 32), 16, 12, 48, (4, 7, 10)),
+        ((32, 32, 16), 4, 2, 48, (2,)),
         ((32, 32, 32), 16, 2, 48, (1, 2, 2)),
     ],
 )
@@ -35,11 +35,11 @@ def test_unetr_output_shape(roi, patch, layers, hidden, skips):
 
 
 def test_skip_depths_rule():
-    assert skip_depths(12, 4) == (3, 6, 9)  # the paper's z3, z6, z9
-    assert skip_depths(12, 3) == (4, 8)
-    assert skip_depths(4, 4) == (1, 2, 3)
+    assert skip_depths(12, 4) == (4, 7, 10)  # MONAI's hidden_states_out[3], [6], [9]
+    assert skip_depths(12, 3) == (5, 9)
+    assert skip_depths(4, 4) == (2, 3, 4)
     assert skip_depths(3, 4) == (1, 2, 3)
-    assert skip_depths(6, 4) == (2, 3, 5)  # floor(k*6/4 + 1/2): 2, 3, 5
+    assert skip_depths(6, 4) == (2, 4, 5)  # floor(k*6/4) + 1: 2, 4, 5
     assert skip_depths(2, 4) == (1, 2, 2)  # too shallow for distinct skips: the deepest share the last block
     assert skip_depths(1, 4) == (1, 1, 1)
     for stages in range(1, 6):
@@ -50,19 +50,20 @@ def test_skip_depths_rule():
             assert all(a < b if layers >= stages - 1 else a <= b for a, b in zip(d, d[1:]))
 
 
-def test_matches_monai_unetr_with_its_skip_depths():
-    """With 12 layers, patch 16 and MONAI's taps (blocks 4/7/10) our network is MONAI's UNETR, weight for weight."""
+def test_default_is_monai_unetr_weight_for_weight():
+    """12 layers, patch 16, default taps: a MONAI UNETR state dict loads strictly and gives MONAI's outputs."""
     torch.manual_seed(0)
     ref = MonaiUNETR(1, 3, img_size=32, **TINY).eval()
-    ours = UNETR(1, 3, img_size=32, patch_size=16, num_layers=12, skip_layers=(4, 7, 10), **TINY).eval()
+    ours = UNETR(1, 3, img_size=32, patch_size=16, num_layers=12, **TINY).eval()
+    assert ours.skip_layers == (4, 7, 10)
     ours.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
-        # the default taps (3/6/9) read other blocks, so the output must differ
-        default = UNETR(1, 3, img_size=32, patch_size=16, num_layers=12, **TINY).eval()
-        default.load_state_dict(ref.state_dict(), strict=True)
-        assert not torch.allclose(default(x), ref(x))
+        # the paper's z3/z6/z9 (an option) read other blocks, so the output must differ: the taps matter
+        paper = UNETR(1, 3, img_size=32, patch_size=16, num_layers=12, skip_layers=(3, 6, 9), **TINY).eval()
+        paper.load_state_dict(ref.state_dict(), strict=True)
+        assert not torch.allclose(paper(x), ref(x))
 
 
 def test_every_parameter_receives_gradient():
