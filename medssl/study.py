@@ -57,6 +57,7 @@ import numpy as np
 from medssl import resources
 from medssl.atomic import atomic_save_figure, atomic_write_text
 from medssl.errors import ConfigError, MedsslError
+from medssl.metrics import TUTORIAL_COLUMN, tutorial_mean  # the column is optional in a cell's rows (older cells)
 from medssl.study_fingerprint import append_history, claim_cells, content_sha256, file_sha256, fingerprint
 
 __all__ = [
@@ -90,7 +91,6 @@ BUNDLES = {
     ("la", "mean_teacher"): ("mean_teacher.yaml",),
 }
 # one row per method × count × seed × case × class: the metric columns of medssl.metrics
-TUTORIAL_COLUMN = "case_dice_tutorial"  # medssl.metrics.TUTORIAL_COLUMN, optional in a cell's rows
 RESULT_COLUMNS = (
     "method",
     "labeled",
@@ -542,8 +542,6 @@ def aggregate_tutorial(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int
     A seed's value is :func:`medssl.metrics.tutorial_mean` of its cases' ``case_dice_tutorial`` (one per case); a
     cell with any row lacking the column (scored before it existed) is left out.
     """
-    from medssl.metrics import tutorial_mean
-
     per_seed: dict[tuple[str, int, int], dict[str, str]] = {}
     incomplete: set[tuple[str, int, int]] = set()
     for r in rows:
