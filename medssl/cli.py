@@ -81,8 +81,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from medssl.metrics import evaluate_folder
 
-    summary = evaluate_folder(args.pred, args.ref, args.out, dataset_dir=args.dataset_dir, key=args.key)
+    summary = evaluate_folder(
+        args.pred, args.ref, args.out, dataset_dir=args.dataset_dir, key=args.key, convention=args.convention
+    )
     print(summary)
+    print(f"convention: {args.convention}")
     return 0
 
 
@@ -241,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="CSV to write (a Markdown summary is written beside it)")
     p.add_argument("--dataset-dir", default=None, help="base of the datalist's relative paths")
     p.add_argument("--key", default="validation", help="datalist key holding the references (default: validation)")
+    p.add_argument(
+        "--convention",
+        choices=("organs", "tutorial"),
+        default="organs",
+        help="organs: mean Dice of the foreground classes (medssl's primary number; default); tutorial: also the "
+        "MONAI BTCV UNETR tutorial's number, DiceMetric(include_background=True) averaged over all classes with "
+        "background, beside it (compare with predictions made at the tutorial's sliding-window overlap 0.25)",
+    )
 
     p = _add(
         sub,

@@ -19,7 +19,15 @@ Conventions (also written into every Markdown summary):
   A distance to nothing is undefined: it is written as ``nan`` in the CSV, left out of the means, and the
   number of left-out cases is shown next to each mean.
 * **Summaries** are mean ± sample standard deviation over cases per class; the ``overall`` row pools all
-  (case, class) rows.
+  (case, class) rows. This per-organ mean is medssl's primary number (convention ``organs``).
+* **Tutorial convention** (``medssl evaluate --convention tutorial``, reported beside the primary number, never
+  instead of it): the number the MONAI BTCV UNETR tutorial and its SSL fine-tuning notebook publish,
+  ``DiceMetric(include_background=True, reduction="mean")`` over all classes, background included. Per case, a
+  class absent from the reference is NaN (MONAI's ``ignore_empty=True``) and skipped, **even when it is
+  predicted**; the case's score is the mean over the remaining classes (background counts like an organ); the
+  result is the mean over cases. The CSV carries the case score as ``case_dice_tutorial`` on every row of the case.
+  Those notebooks validate with ``sliding_window_inference(image, (96, 96, 96), 4, model)``, i.e. MONAI's default
+  overlap 0.25 (``medssl infer``'s default too); the segmentation bundles validate with ``sw_overlap`` 0.5.
 """
 
 from __future__ import annotations
@@ -40,12 +48,28 @@ import numpy as np
 from medssl.atomic import atomic_write_all
 from medssl.errors import DataError, ErrorList
 
-__all__ = ["METRICS", "COLUMNS", "evaluate_case", "evaluate_folder", "summarize", "binary_metrics"]
+__all__ = [
+    "METRICS",
+    "COLUMNS",
+    "CONVENTIONS",
+    "TUTORIAL_COLUMN",
+    "evaluate_case",
+    "evaluate_folder",
+    "summarize",
+    "binary_metrics",
+    "tutorial_dice",
+    "tutorial_case_dice",
+    "tutorial_mean",
+    "tutorial_running_mean",
+]
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("dice", "jaccard", "hd95_mm", "asd_mm")
-COLUMNS = ("case", "label", "name", *METRICS, "ref_voxels", "pred_voxels")
+TUTORIAL_COLUMN = "case_dice_tutorial"
+COLUMNS = ("case", "label", "name", *METRICS, "ref_voxels", "pred_voxels", TUTORIAL_COLUMN)
+CONVENTIONS = ("organs", "tutorial")
+TUTORIAL_OVERLAP = 0.25  # MONAI's sliding_window_inference default, used by the tutorials' validation loops
 PREDICTION_SUFFIX = "_seg.nii.gz"
 _IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 CONVENTION = (
@@ -54,6 +78,12 @@ CONVENTION = (
     "Both masks empty: Dice 1, Jaccard 1, HD95 0, ASD 0; exactly one empty: Dice 0, Jaccard 0, HD95/ASD "
     "undefined (nan in the CSV, excluded from the means; the count is shown as 'excl.'). "
     "Mean ± sample sd over cases; 'overall' pools all case × class rows."
+)
+TUTORIAL_CONVENTION = (
+    "MONAI BTCV UNETR tutorial: DiceMetric(include_background=True, reduction='mean'). Per case, the mean Dice "
+    "over the classes present in the reference, background included; a class absent from the reference is "
+    "skipped even when predicted (MONAI's ignore_empty). Then the mean over cases. The tutorial's validation uses "
+    f"sliding-window overlap {TUTORIAL_OVERLAP} (MONAI's default; `medssl infer --overlap` defaults to it too)."
 )
 
 
@@ -120,6 +150,89 @@ def evaluate_case(
             continue
         rows.append({"label": label, "name": name, **binary_metrics(pred == label, ref == label, spacing)})
     return rows
+
+
+# ------------------------------------------------------------------------------------------------ tutorial
+
+
+def tutorial_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-class Dice of one case as MONAI's ``DiceMetric(include_background=True)`` computes it (no reduction).
+
+    The MONAI BTCV UNETR tutorial one-hot encodes both label maps into ``num_classes`` channels and scores every
+    channel, background included; a class without reference voxels is NaN (``ignore_empty=True``), whether or not
+    it was predicted.
+
+    Args:
+        pred: predicted label map, integer values in ``[0, num_classes)``, same shape as ``ref``.
+        ref: reference label map.
+        num_classes: number of classes including background (BTCV: 14).
+
+    Returns:
+        float64 array of shape ``(num_classes,)``: Dice of class ``c`` at index ``c``, NaN where ``ref`` has none.
+
+    Raises:
+        ValueError: shapes differ, ``num_classes < 1``, or a label value lies outside ``[0, num_classes)``.
+
+    Example::
+
+        tutorial_dice(pred, ref, num_classes=14)  # array([0.98, 0.91, nan, ...])
+    """
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    for what, arr in (("prediction", pred), ("reference", ref)):
+        if arr.size and (arr.min() < 0 or arr.max() >= int(num_classes)):  # min/max: no sort of a large volume
+            outside = sorted({int(v) for v in np.unique(arr)} - set(range(int(num_classes))))
+            raise ValueError(f"{what} label values {outside} lie outside [0, {int(num_classes)})")
+    out = np.full(int(num_classes), math.nan)
+    for c in range(int(num_classes)):
+        r = ref == c
+        n_ref = int(r.sum())
+        if n_ref:
+            p = pred == c
+            out[c] = 2.0 * int(np.logical_and(p, r).sum()) / (n_ref + int(p.sum()))
+    return out
+
+
+def tutorial_case_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> float:
+    """One case's score in the tutorial convention: the mean of :func:`tutorial_dice` over its non-NaN classes.
+
+    This is the per-case step of MONAI's ``reduction="mean"`` (channel mean over not-NaN values); NaN when the
+    reference holds no class at all (an empty array).
+    """
+    values = tutorial_dice(pred, ref, num_classes)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else math.nan
+
+
+def tutorial_mean(case_dice: Sequence[float]) -> float:
+    """The tutorial's ``dice_metric.aggregate()`` over all cases: the mean of the per-case scores (NaN ones skipped).
+
+    Args:
+        case_dice: :func:`tutorial_case_dice` of each validation case.
+
+    Returns:
+        the mean; 0.0 when no case has a score (MONAI's value for an all-NaN buffer).
+    """
+    values = [float(v) for v in case_dice if not math.isnan(float(v))]
+    return float(np.mean(values)) if values else 0.0
+
+
+def tutorial_running_mean(case_dice: Sequence[float]) -> float:
+    """The SSL fine-tuning notebook's number: the mean, over cases in order, of ``aggregate()`` after each case.
+
+    ``self_supervised_pretraining/vit_unetr_ssl/ssl_finetune.ipynb`` (the source of the published BTCV numbers)
+    calls ``dice_metric.aggregate()`` after every validation case without resetting and averages those running
+    values, so early cases weigh more: case ``i`` of ``n`` gets weight ``(1/n) * sum_{k>=i} 1/k``.
+    """
+    running, valid = [], []
+    for v in case_dice:
+        if not math.isnan(float(v)):
+            valid.append(float(v))
+        running.append(float(np.mean(valid)) if valid else 0.0)
+    return float(np.mean(running)) if running else 0.0
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -236,8 +349,55 @@ def _fmt(values: list[float], digits: int) -> str:
     return text + (f" ({excluded} excl.)" if excluded else "")
 
 
-def summarize(rows: Sequence[Mapping[str, Any]], *, title: str = "Segmentation metrics", header: str = "") -> str:
-    """Markdown table: mean ± sd per class and overall (see :data:`CONVENTION`)."""
+def _tutorial_section(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: each case's tutorial-convention score, their mean and the SSL notebook's running mean."""
+    per_case: dict[str, float] = {}
+    for row in rows:
+        if "case" not in row or TUTORIAL_COLUMN not in row:
+            raise ValueError(
+                f"the tutorial convention needs 'case' and '{TUTORIAL_COLUMN}' in every row, got {sorted(row)}"
+            )
+        per_case.setdefault(str(row["case"]), float(row[TUTORIAL_COLUMN]))
+    lines = [
+        "## Tutorial convention (beside the primary per-organ numbers above)",
+        "",
+        f"Convention (tutorial): {TUTORIAL_CONVENTION}",
+        "",
+        "| case | Dice, all classes incl. background |",
+        "|---|---|",
+    ]
+    lines += [f"| {case} | {value:.3f} |" for case, value in per_case.items()]
+    lines.append(f"| mean | {tutorial_mean(list(per_case.values())):.3f} |")
+    lines += [
+        "",
+        "As `ssl_finetune.ipynb` (the source of the published BTCV numbers) averages it, the mean of the running "
+        f"aggregates over the cases in this order: {tutorial_running_mean(list(per_case.values())):.3f}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def summarize(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    title: str = "Segmentation metrics",
+    header: str = "",
+    convention: str = "organs",
+) -> str:
+    """Markdown table: mean ± sd per class and overall (see :data:`CONVENTION`).
+
+    Args:
+        rows: per case × foreground class rows (:func:`evaluate_case`, plus ``case`` and ``case_dice_tutorial``
+            for the tutorial convention).
+        title: the heading.
+        header: a paragraph under the heading.
+        convention: ``"organs"`` (the per-organ table) or ``"tutorial"`` (the same table, then the tutorial
+            convention's per-case scores and mean beside it; see the module docstring).
+
+    Raises:
+        ValueError: an unknown convention, or tutorial rows without ``case`` / ``case_dice_tutorial``.
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     by_label: dict[int, list[Mapping[str, Any]]] = {}
     for row in rows:
         by_label.setdefault(int(row["label"]), []).append(row)
@@ -246,7 +406,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, title: str = "Segmentation m
     if header:
         lines += [header, ""]
     lines += [
-        f"Convention: {CONVENTION}",
+        f"Convention (organs, the primary number): {CONVENTION}",
         "",
         "| label | name | cases | Dice | Jaccard | HD95 (mm) | ASD (mm) |",
         "|---|---|---|---|---|---|---|",
@@ -256,7 +416,10 @@ def summarize(rows: Sequence[Mapping[str, Any]], *, title: str = "Segmentation m
     for label, name, group in groups:
         cells = [_fmt([float(r[m]) for r in group], digits[m]) for m in METRICS]
         lines.append(f"| {label} | {name} | {len(group)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if convention == "tutorial":
+        text += "\n" + _tutorial_section(rows)
+    return text
 
 
 def _bytes_writer(text: str):
@@ -283,6 +446,7 @@ def evaluate_folder(
     *,
     dataset_dir: str | os.PathLike | None = None,
     key: str = "validation",
+    convention: str = "organs",
 ) -> str:
     """Score a folder of predictions against a datalist or a folder of references (``medssl evaluate``).
 
@@ -294,15 +458,21 @@ def evaluate_folder(
         out: CSV to write, one row per case × foreground class; the Markdown summary goes beside it (``.md``).
         dataset_dir: base of the datalist's relative paths (default: the datalist's folder).
         key: datalist key listing the reference cases.
+        convention: ``"organs"`` (the per-organ summary, medssl's primary number) or ``"tutorial"`` (the same,
+            with the MONAI BTCV tutorial's include-background mean beside it). The CSV is the same for both: every
+            row carries its case's tutorial score (``case_dice_tutorial``).
 
     Returns:
         the Markdown summary.
 
     Raises:
+        ValueError: an unknown convention.
         DataError: unreadable inputs, a prediction whose size / spacing / origin / direction differs from its
-            reference (naming both files), label values outside the datalist's ``labels``.
+            reference (naming both files), label values outside the datalist's ``labels``, negative label values.
         ErrorList: predictions missing (all of them listed). Nothing is written when anything fails.
     """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     pred_dir, out = Path(pred), Path(out)
     if not pred_dir.is_dir():
         raise DataError(pred_dir, "prediction folder does not exist")
@@ -316,7 +486,7 @@ def evaluate_folder(
     if extra:
         logger.info("%d predictions in %s have no reference and are not scored: %s", len(extra), pred_dir, extra[:5])
 
-    per_case: list[tuple[str, list[dict[str, Any]]]] = []
+    per_case: list[tuple[str, list[dict[str, Any]], float]] = []
     seen_labels: set[int] = set()
     for name, ref_path in cases:
         pred_path = pred_dir / _prediction_name(name)
@@ -333,11 +503,15 @@ def evaluate_folder(
         else:
             case_labels = {v: f"label_{v}" for v in values}
             seen_labels |= values
+        if min(values) < 0:
+            raise DataError(pred_path if int(p.min()) < 0 else ref_path, f"negative label values {sorted(values)[:5]}")
         spacing = rg["spacing"][::-1]  # the array axes are reversed relative to ITK's (x, y, z)
-        per_case.append((name, [{"case": name, **row} for row in evaluate_case(p, r, spacing, case_labels)]))
+        # the tutorial convention skips classes the reference lacks, so any class count covering the values fits
+        tutorial = tutorial_case_dice(p, r, max(values | set(case_labels)) + 1)
+        per_case.append((name, [{"case": name, **row} for row in evaluate_case(p, r, spacing, case_labels)], tutorial))
 
     rows: list[dict[str, Any]] = []
-    for name, case_rows in per_case:
+    for name, case_rows, tutorial in per_case:
         if labels is None:  # a label absent from both masks of this case: scored by the both-empty rule
             present = {row["label"] for row in case_rows}
             for v in sorted(seen_labels - present - {0}):
@@ -346,7 +520,7 @@ def evaluate_folder(
                     {"case": name, "label": v, "name": f"label_{v}", **binary_metrics(empty, empty, (1, 1, 1))}
                 )
             case_rows.sort(key=lambda row: row["label"])
-        rows += case_rows
+        rows += [{**row, TUTORIAL_COLUMN: tutorial} for row in case_rows]
     if not rows:
         raise DataError(ref, "no foreground labels to score (every label map is background only and no labels given)")
 
@@ -356,7 +530,7 @@ def evaluate_folder(
         + (f" (key `{key}`)" if Path(ref).is_file() else "")
         + f"; {len(cases)} cases; per-case rows: `{out.name}`."
     )
-    markdown = summarize(rows, header=header)
+    markdown = summarize(rows, header=header, convention=convention)
     # both or neither, through medssl.atomic: temporary files cleaned up, results readable under the umask
     atomic_write_all({out: _bytes_writer(_csv_text(rows)), md_path: _bytes_writer(markdown)})
     logger.info("wrote %s (%d rows) and %s", out, len(rows), md_path)

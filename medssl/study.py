@@ -22,6 +22,12 @@ skipped on rerun and a killed one resumes from its ``last.pt``. Outputs: ``resul
 count × seed × case × class), ``results.md`` (mean ± sd over seeds of the mean foreground Dice, and the gain over
 scratch) and ``results.png`` (Dice against labeled count, one line per method, error bars over seeds).
 
+The mean foreground Dice stays the study's number. Beside it, ``results.csv`` carries each case's score in the
+MONAI BTCV UNETR tutorial's convention (``case_dice_tutorial``: all classes with background, see
+:mod:`medssl.metrics`; empty for cells scored before that column existed) and ``results.md`` adds a table of it
+where the cells have it. Validation images are segmented at the :class:`~medssl.inference.Predictor`'s default
+sliding-window overlap, 0.25, the tutorial's.
+
 Example::
 
     medssl study --datalist data/ct_phantom/datalist.json --labeled 2 4 --methods scratch pretrained \\
@@ -51,6 +57,7 @@ import numpy as np
 from medssl import resources
 from medssl.atomic import atomic_save_figure, atomic_write_text
 from medssl.errors import ConfigError, MedsslError
+from medssl.metrics import TUTORIAL_COLUMN, tutorial_mean  # the column is optional in a cell's rows (older cells)
 from medssl.study_fingerprint import append_history, claim_cells, content_sha256, file_sha256, fingerprint
 
 __all__ = [
@@ -59,7 +66,9 @@ __all__ = [
     "nested_subsets",
     "cell_datalist",
     "aggregate",
+    "aggregate_tutorial",
     "render_table",
+    "render_tutorial_table",
     "plot_results",
     "draw_results",
     "paired_gains",
@@ -82,7 +91,19 @@ BUNDLES = {
     ("la", "mean_teacher"): ("mean_teacher.yaml",),
 }
 # one row per method × count × seed × case × class: the metric columns of medssl.metrics
-RESULT_COLUMNS = ("method", "labeled", "seed", "case", "label", "name", "dice", "jaccard", "hd95_mm", "asd_mm")
+RESULT_COLUMNS = (
+    "method",
+    "labeled",
+    "seed",
+    "case",
+    "label",
+    "name",
+    "dice",
+    "jaccard",
+    "hd95_mm",
+    "asd_mm",
+    TUTORIAL_COLUMN,
+)
 
 
 def default_bundles_dir() -> Path:
@@ -492,7 +513,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
     rows: list[dict[str, Any]] = []
     for method, n, seed in cells:
         rows += [
-            {"method": method, "labeled": n, "seed": seed, **{c: r[c] for c in RESULT_COLUMNS[3:]}}
+            {"method": method, "labeled": n, "seed": seed, **{c: r.get(c, "") for c in RESULT_COLUMNS[3:]}}
             for r in results[(method, n, seed)]
         ]
     return write_results(
@@ -513,6 +534,59 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], list[f
     for (method, n, _seed), values in sorted(per_seed.items()):
         out.setdefault((method, n), []).append(float(np.mean(values)))
     return out
+
+
+def aggregate_tutorial(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], list[float]]:
+    """The tutorial-convention Dice per (method, labeled count), one value per seed, where the cells carry it.
+
+    A seed's value is :func:`medssl.metrics.tutorial_mean` of its cases' ``case_dice_tutorial`` (one per case); a
+    cell with any row lacking the column (scored before it existed) is left out.
+    """
+    per_seed: dict[tuple[str, int, int], dict[str, str]] = {}
+    incomplete: set[tuple[str, int, int]] = set()
+    for r in rows:
+        key = (str(r["method"]), int(r["labeled"]), int(r["seed"]))
+        value = r.get(TUTORIAL_COLUMN, "")
+        if value in ("", None):
+            incomplete.add(key)
+        else:
+            per_seed.setdefault(key, {}).setdefault(str(r["case"]), value)
+    out: dict[tuple[str, int], list[float]] = {}
+    for (method, n, seed), cases in sorted(per_seed.items()):
+        if (method, n, seed) not in incomplete:
+            out.setdefault((method, n), []).append(tutorial_mean([float(v) for v in cases.values()]))
+    return out
+
+
+def render_tutorial_table(
+    agg: Mapping[tuple[str, int], Sequence[float]],
+    tutorial: Mapping[tuple[str, int], Sequence[float]],
+    methods: Sequence[str],
+    counts: Sequence[int],
+) -> str:
+    """Markdown: beside the main number (mean foreground Dice), the tutorial convention's, per method and count.
+
+    Empty when no cell carries the tutorial convention.
+    """
+    keys = [(m, n) for n in counts for m in methods if (m, n) in tutorial]
+    if not keys:
+        return ""
+    lines = [
+        "| method | labeled | foreground organs (main table) | tutorial convention (with background) |",
+        "|---|---|---|---|",
+    ]
+    for m, n in keys:
+        main = "–" if (m, n) not in agg else "{:.1f} ± {:.1f}".format(*(100 * v for v in _mean_sd(agg[(m, n)])))
+        tut = "{:.1f} ± {:.1f}".format(*(100 * v for v in _mean_sd(tutorial[(m, n)])))
+        lines.append(f"| {m} | {n} | {main} | {tut} ({len(tutorial[(m, n)])} seed(s)) |")
+    lines += [
+        "",
+        "Tutorial convention: the MONAI BTCV UNETR tutorial's DiceMetric(include_background=True, reduction='mean'): "
+        "per case the mean over the classes present in the reference, background included (a class absent from the "
+        "reference is skipped even when predicted), then the mean over cases; reported beside the study's number, "
+        "never instead of it. Same predictions (sliding-window overlap 0.25, the tutorial's).",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -661,7 +735,7 @@ def write_results(
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows({c: r[c] for c in RESULT_COLUMNS} for r in rows)
+    writer.writerows({c: r.get(c, "") if c == TUTORIAL_COLUMN else r[c] for c in RESULT_COLUMNS} for r in rows)
     paths = {"csv": atomic_write_text(out / "results.csv", buf.getvalue())}
     agg = aggregate(rows)
     table = render_table(agg, methods, counts)
@@ -674,6 +748,9 @@ def write_results(
     gains = render_gains(paired_gains(rows, methods, counts))
     if gains:
         table += "\n" + gains
+    tutorial = render_tutorial_table(agg, aggregate_tutorial(rows), methods, counts)
+    if tutorial:
+        table += "\n" + tutorial
     head = (title + "\n\n") if title else ""
     paths["md"] = atomic_write_text(out / "results.md", "# Label-efficiency study\n\n" + head + table)
     paths["png"] = plot_results(agg, methods, counts, out / "results.png", title=title, reference=reference)

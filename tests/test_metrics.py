@@ -15,7 +15,15 @@ import torch
 from monai.metrics import compute_dice
 
 from medssl.errors import DataError, ErrorList
-from medssl.metrics import binary_metrics, evaluate_case, evaluate_folder
+from medssl.metrics import (
+    binary_metrics,
+    evaluate_case,
+    evaluate_folder,
+    tutorial_case_dice,
+    tutorial_dice,
+    tutorial_mean,
+    tutorial_running_mean,
+)
 
 SPACING = (0.8, 1.0, 2.0)  # anisotropic, mm
 SHAPE = (64, 64, 32)
@@ -283,3 +291,138 @@ def test_evaluate_folder_on_ct_phantom(ct_phantom, tmp_path):
     spleen = [r for r in read_rows(out) if r["label"] == "1"][0]
     assert spleen["name"] == data["labels"]["1"] and float(spleen["dice"]) == 0.0 and spleen["hd95_mm"] == "nan"
     assert "(1 excl.)" in md
+
+
+# ------------------------------------------------------------------------ tutorial convention (MONAI BTCV UNETR)
+
+
+def swapped_organs(shape=(4, 4, 4)) -> tuple[np.ndarray, np.ndarray]:
+    """Two organs of 8 voxels that swap half their voxels: background Dice 1, each organ Dice 0.5."""
+    ref = np.zeros(shape, np.int64)
+    ref[0, 0:2, 0:4] = 1  # 8 voxels
+    ref[1, 0:2, 0:4] = 2  # 8 voxels
+    pred = ref.copy()
+    pred[0, 1, 0:4] = 2  # 4 voxels of organ 1 predicted as organ 2
+    pred[1, 1, 0:4] = 1  # and 4 of organ 2 as organ 1
+    return pred, ref
+
+
+def monai_dice(pred: np.ndarray, ref: np.ndarray, num_classes: int, reduction: str) -> torch.Tensor:
+    """MONAI's DiceMetric as the tutorial configures it (include_background=True), fed one-hot like the tutorial."""
+    from monai.metrics import DiceMetric
+    from monai.networks.utils import one_hot
+
+    metric = DiceMetric(include_background=True, reduction=reduction)
+    metric(
+        y_pred=one_hot(torch.as_tensor(pred)[None, None], num_classes),
+        y=one_hot(torch.as_tensor(ref)[None, None], num_classes),
+    )
+    return metric.aggregate()
+
+
+def organs_mean(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> float:
+    rows = evaluate_case(pred, ref, (1, 1, 1), {c: f"c{c}" for c in range(num_classes)})
+    return float(np.mean([r["dice"] for r in rows]))
+
+
+def test_conventions_differ_by_the_background_term():
+    pred, ref = swapped_organs()
+    assert organs_mean(pred, ref, 3) == pytest.approx(0.5)  # (0.5 + 0.5) / 2
+    np.testing.assert_allclose(tutorial_dice(pred, ref, 3), [1.0, 0.5, 0.5])
+    assert tutorial_case_dice(pred, ref, 3) == pytest.approx(2 / 3)  # (1 + 0.5 + 0.5) / 3
+    np.testing.assert_allclose(monai_dice(pred, ref, 3, "none").numpy()[0], tutorial_dice(pred, ref, 3))
+    assert float(monai_dice(pred, ref, 3, "mean")) == pytest.approx(tutorial_case_dice(pred, ref, 3))
+
+
+def test_an_organ_absent_from_both_counts_for_organs_and_is_skipped_by_the_tutorial():
+    pred, ref = swapped_organs()  # label 3 appears in neither map
+    assert organs_mean(pred, ref, 4) == pytest.approx((0.5 + 0.5 + 1.0) / 3)  # medssl: both empty → Dice 1
+    per_class = tutorial_dice(pred, ref, 4)
+    assert math.isnan(per_class[3])  # MONAI: no reference voxels → NaN, left out of the mean
+    assert tutorial_case_dice(pred, ref, 4) == pytest.approx(2 / 3)  # unchanged by the absent class
+    np.testing.assert_allclose(monai_dice(pred, ref, 4, "none").numpy()[0], per_class, equal_nan=True)
+    assert float(monai_dice(pred, ref, 4, "mean")) == pytest.approx(2 / 3)
+
+
+def test_an_organ_predicted_but_absent_from_the_reference_costs_nothing_in_the_tutorial():
+    pred, ref = swapped_organs()
+    pred[3, 3, 0:4] = 3  # 4 background voxels predicted as organ 3, which the reference lacks
+    organ_rows = evaluate_case(pred, ref, (1, 1, 1), {1: "a", 2: "b", 3: "c"})
+    assert organ_rows[2]["dice"] == 0.0  # medssl: a false organ scores 0
+    assert organs_mean(pred, ref, 4) == pytest.approx((0.5 + 0.5 + 0.0) / 3)
+    background = 2 * 44 / (48 + 44)  # 48 reference background voxels, 44 predicted, all correct
+    expected = [background, 0.5, 0.5, math.nan]
+    np.testing.assert_allclose(tutorial_dice(pred, ref, 4), expected, equal_nan=True)
+    np.testing.assert_allclose(monai_dice(pred, ref, 4, "none").numpy()[0], expected, equal_nan=True)
+    assert tutorial_case_dice(pred, ref, 4) == pytest.approx((background + 1.0) / 3)
+
+
+def test_tutorial_mean_matches_monai_aggregation_over_cases_and_the_notebook_running_mean():
+    from monai.metrics import DiceMetric
+    from monai.networks.utils import one_hot
+
+    perfect = np.zeros((4, 4, 4), np.int64)
+    perfect[0, 0, 0] = 1  # one class present besides background, both perfect
+    cases = [swapped_organs(), (perfect, perfect.copy()), swapped_organs()]
+    scores = [tutorial_case_dice(p, r, 3) for p, r in cases]
+    assert scores == pytest.approx([2 / 3, 1.0, 2 / 3])
+    metric = DiceMetric(include_background=True, reduction="mean")
+    running = []  # ssl_finetune.ipynb: aggregate() after every case, no reset, then the mean of those values
+    for p, r in cases:
+        metric(y_pred=one_hot(torch.as_tensor(p)[None, None], 3), y=one_hot(torch.as_tensor(r)[None, None], 3))
+        running.append(float(metric.aggregate()))
+    assert tutorial_mean(scores) == pytest.approx(running[-1]) == pytest.approx(7 / 9)  # mean of per-case means
+    # pooling all non-NaN (case, class) values instead would give (2 + 0.5 * 4 + 2) / 8 = 0.75: not MONAI's number
+    assert tutorial_running_mean(scores) == pytest.approx(float(np.mean(running)))
+    assert tutorial_running_mean(scores) == pytest.approx((2 / 3 + 5 / 6 + 7 / 9) / 3)
+    assert tutorial_mean([math.nan]) == 0.0 and tutorial_mean([0.5, math.nan]) == 0.5
+
+
+def test_tutorial_dice_rejects_bad_inputs():
+    with pytest.raises(ValueError, match=r"\(2, 2, 2\) differs"):
+        tutorial_dice(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)), 2)
+    with pytest.raises(ValueError, match=r"reference label values \[5\] lie outside \[0, 3\)"):
+        tutorial_dice(np.zeros((2, 2, 2)), np.full((2, 2, 2), 5), 3)
+    with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
+        tutorial_dice(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), 0)
+
+
+def test_evaluate_folder_tutorial_convention_reports_both_numbers(dataset, tmp_path):
+    out = tmp_path / "scores.csv"
+    organs_md = evaluate_folder(dataset["pred"], dataset["datalist"], out)
+    organs_csv = out.read_text()
+    md = evaluate_folder(dataset["pred"], dataset["datalist"], out, convention="tutorial")
+    assert out.read_text() == organs_csv  # the CSV does not depend on the convention
+    assert md.startswith(organs_md)  # the per-organ numbers stay first; the tutorial's come beside them
+    assert "Convention (organs, the primary number)" in organs_md and "Tutorial convention" not in organs_md
+    rows = read_rows(out)
+    expected = []
+    for i in range(3):
+        pred = np.asarray(nib.load(dataset["pred"] / f"case{i}_seg.nii.gz").dataobj)
+        ref = np.asarray(nib.load(dataset["labels"] / f"case{i}.nii.gz").dataobj)
+        expected.append(float(monai_dice(pred, ref, 3, "mean")))  # the tutorial's number for the case, by MONAI
+        got = [float(r["case_dice_tutorial"]) for r in rows if r["case"] == f"case{i}"]
+        assert got == pytest.approx([expected[-1]] * 2, abs=1e-5)  # the case's score on each of its rows
+        assert f"| case{i} | {expected[-1]:.3f} |" in md
+    assert f"| mean | {np.mean(expected):.3f} |" in md
+    assert "Convention (tutorial)" in md and "overlap 0.25" in md
+    assert f"in this order: {tutorial_running_mean(expected):.3f}" in md
+    with pytest.raises(ValueError, match="convention must be one of .*'background'"):
+        evaluate_folder(dataset["pred"], dataset["datalist"], out, convention="background")
+
+
+def test_cli_evaluate_names_its_convention(dataset, tmp_path, capsys):
+    from medssl.cli import main
+
+    args = ["evaluate", "--pred", str(dataset["pred"]), "--ref", str(dataset["datalist"])]
+    assert main([*args, "--out", str(tmp_path / "a.csv")]) == 0
+    text = capsys.readouterr().out
+    assert text.rstrip().endswith("convention: organs") and "Tutorial convention" not in text
+    assert main([*args, "--out", str(tmp_path / "b.csv"), "--convention", "tutorial"]) == 0
+    text = capsys.readouterr().out
+    assert text.rstrip().endswith("convention: tutorial") and "| mean |" in text
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--out", str(tmp_path / "c.csv"), "--convention", "all"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'all'" in capsys.readouterr().err
+    assert not (tmp_path / "c.csv").exists()

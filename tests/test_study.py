@@ -8,6 +8,7 @@ from medssl.errors import ConfigError
 from medssl.study import (
     StudyConfig,
     aggregate,
+    aggregate_tutorial,
     cell_datalist,
     nested_subsets,
     render_table,
@@ -97,6 +98,42 @@ def test_aggregation_and_table_on_hand_made_results(tmp_path):
     assert len(written) == len(rows)
     assert paths["png"].stat().st_size > 1000
     assert "pretrained" in paths["md"].read_text()
+
+
+def test_results_carry_the_tutorial_convention_where_the_cells_have_it(tmp_path):
+    rows = _rows(
+        {
+            ("scratch", 2, 0): [0.4, 0.6],
+            ("scratch", 2, 1): [0.6, 0.6],
+            ("pretrained", 2, 0): [0.6, 0.8],  # scored before the column existed: no tutorial value
+        }
+    )
+    tutorial = {
+        ("scratch", 0, "c0"): 0.7,
+        ("scratch", 0, "c1"): 0.9,
+        ("scratch", 1, "c0"): 0.8,
+        ("scratch", 1, "c1"): 0.8,
+    }
+    for r in rows:
+        key = (r["method"], r["seed"], r["case"])
+        if key in tutorial:
+            r["case_dice_tutorial"] = tutorial[key]
+    assert aggregate_tutorial(rows) == {("scratch", 2): pytest.approx([0.8, 0.8])}  # mean over cases, per seed
+    paths = write_results(rows, tmp_path, methods=["scratch", "pretrained"], counts=[2])
+    with open(paths["csv"]) as f:
+        written = list(csv.DictReader(f))
+    assert [r["case_dice_tutorial"] for r in written] == ["0.7", "0.9", "0.8", "0.8", "", ""]
+    md = paths["md"].read_text()
+    assert "| pretrained | 70.0 ± 0.0 (+15.0; +27 %) |" in md  # the main table as before
+    sd = 100 * np.std([0.5, 0.6], ddof=1)
+    assert f"| scratch | 2 | 55.0 ± {sd:.1f} | 80.0 ± 0.0 (2 seed(s)) |" in md  # beside the main number
+    tutorial_table = md[md.index("tutorial convention (with background)") :]
+    assert "| pretrained |" not in tutorial_table  # no tutorial value, no row
+    assert md.index("| method | 2 labeled |") < md.index("tutorial convention (with background)")
+    # cells without the column at all (an older done.json) still write and leave the table out
+    plain = _rows({("scratch", 2, 0): [0.5]})
+    md = write_results(plain, tmp_path / "old", methods=["scratch"], counts=[2])["md"].read_text()
+    assert "tutorial convention" not in md
 
 
 def _phantom_like_datalist(tmp_path, n_train=4):

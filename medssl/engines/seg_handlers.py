@@ -4,7 +4,9 @@ Both attach to the **trainer** and listen to its evaluator, because validations 
 logged against the trainer's iteration (the evaluator itself only knows the trainer's epoch).
 
 - :class:`PerClassDiceLogger`: the per-class vector of a MONAI ``MeanDice(reduction="mean_batch")`` metric as
-  one scalar per class (``val_dice/<class name>``) plus the mean, in TensorBoard, a CSV and one log line.
+  one scalar per class (``val_dice/<class name>``) plus the mean, in TensorBoard, a CSV and one log line; other
+  scalar metrics ride along (BTCV: ``val_mean_dice_tutorial``, the MONAI UNETR tutorial's include-background mean,
+  beside the foreground mean ``val_mean_dice`` that selects the model).
 - :class:`BestOverlaySaver`: a PNG of axial slices of the first validation case (image, reference, prediction
   as coloured overlays) each time the key metric improves, i.e. for the checkpoint saved as ``model.pt``.
 """
@@ -47,9 +49,14 @@ class PerClassDiceLogger:
         class_names: label index → name (e.g. the datalist's ``labels``).
         metric_name: the per-class metric.
         mean_name: a scalar metric logged alongside (the key metric, e.g. ``val_mean_dice``); skipped if absent.
+        extra_names: more scalar metrics of the evaluator logged after the mean (a CSV column, a TensorBoard
+            scalar and a log entry each), e.g. ``["val_mean_dice_tutorial"]``: MONAI ``MeanDice(include_background=
+            True, reduction="mean")``, the number the MONAI BTCV UNETR tutorial publishes (computed here on the
+            bundle's validation inference, i.e. its ``sw_overlap``; the tutorial's is 0.25); skipped if absent.
         include_background: whether the vector starts at class 0.
         log_dir: TensorBoard folder (``None``: no TensorBoard).
-        csv_path: CSV with ``iteration, epoch, <mean_name>, val_dice/<class>...`` (``None``: no CSV).
+        csv_path: CSV with ``iteration, epoch, <mean_name>, <extra_names>..., val_dice/<class>...`` (``None``: no
+            CSV).
         append: keep an earlier run's CSV rows (the bundle's ``resume``).
         summary_writer: the run's shared TensorBoard writer (instead of ``log_dir``; not closed here).
         rank: only rank 0 writes.
@@ -64,6 +71,7 @@ class PerClassDiceLogger:
         class_names: Mapping[int, str],
         metric_name: str = "val_dice_per_class",
         mean_name: str | None = "val_mean_dice",
+        extra_names: Sequence[str] = (),
         include_background: bool = False,
         log_dir: str | os.PathLike | None = None,
         csv_path: str | os.PathLike | None = None,
@@ -77,6 +85,7 @@ class PerClassDiceLogger:
         self.class_names = {int(k): str(v) for k, v in class_names.items()}
         self.metric_name = metric_name
         self.mean_name = mean_name
+        self.extra_names = [str(n) for n in extra_names]
         self.include_background = as_bool(include_background, "include_background")
         self.log_dir = log_dir
         self.csv_path = Path(csv_path) if csv_path is not None else None
@@ -117,12 +126,15 @@ class PerClassDiceLogger:
         dice = self.per_class(evaluator)
         step = int(trainer.state.iteration)
         row: dict[str, float] = {"iteration": step, "epoch": int(trainer.state.epoch)}
-        if self.mean_name and self.mean_name in evaluator.state.metrics:
-            row[self.mean_name] = float(evaluator.state.metrics[self.mean_name])
+        scalars = [self.mean_name] if self.mean_name else []
+        scalars += [n for n in self.extra_names if n not in scalars]
+        for name in scalars:
+            if name in evaluator.state.metrics:
+                row[name] = float(evaluator.state.metrics[name])
         row.update({f"val_dice/{_tag(n)}": v for n, v in dice.items()})
         self.history.append(row)
-        mean = f"{self.mean_name} {row[self.mean_name]:.4f}; " if self.mean_name in row else ""
-        logger.info(f"validation at iteration {step}: {mean}" + ", ".join(f"{n} {v:.4f}" for n, v in dice.items()))
+        head = "".join(f"{n} {row[n]:.4f}; " for n in scalars if n in row)
+        logger.info(f"validation at iteration {step}: {head}" + ", ".join(f"{n} {v:.4f}" for n, v in dice.items()))
         if self.log_dir is not None or self.writer is not None:
             if self.writer is None:
                 from torch.utils.tensorboard import SummaryWriter

@@ -73,6 +73,11 @@ def test_validation_dice_per_class_is_logged(tiny_run):
         assert 0.0 <= row["val_mean_dice"] <= 1.0
         # one validation case: the mean Dice is the mean over the classes present
         assert row["val_mean_dice"] == pytest.approx(float(np.mean(per_class)), abs=1e-5)
+        # beside it, the tutorial convention: background joins the classes present, so the background Dice it
+        # implies, (n + 1) * tutorial - sum(organs), is a Dice
+        background = (len(per_class) + 1) * row["val_mean_dice_tutorial"] - float(np.sum(per_class))
+        assert -1e-4 <= background <= 1.0 + 1e-4
+    assert [s for s, _ in tb["val_mean_dice_tutorial"]] == [2, 4]
     best = load_checkpoint(tiny_run / "model.pt")["best"]
     assert best["metric"] == "val_mean_dice"
     assert best["value"] == pytest.approx(max(h["val_mean_dice"] for h in history))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import functools
 import sys
 import types
@@ -277,6 +278,51 @@ def test_per_class_dice_logger_truncates_at_the_restored_iteration(tmp_path):
     trainer.add_event_handler(Events.STARTED, lambda e: e.terminate())
     trainer.run([0], max_epochs=1)
     assert [r["iteration"] for r in CsvLog.read(path)] == [2]
+
+
+def test_per_class_dice_logger_writes_the_tutorial_convention_beside_the_mean(tmp_path):
+    """Real MONAI MeanDice handlers as btcv_unetr.yaml configures them, on two constructed 3-class cases."""
+    from monai.handlers import MeanDice, from_engine
+    from monai.networks.utils import one_hot
+
+    from medssl.engines.seg_handlers import PerClassDiceLogger
+
+    ref = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    ref[0, 0, 0, 0:2] = 1  # 8 voxels
+    ref[0, 0, 1, 0:2] = 2  # 8 voxels
+    swapped = ref.clone()
+    swapped[0, 0, 0, 1], swapped[0, 0, 1, 1] = 2, 1  # half of each organ predicted as the other: Dice 0.5 each
+    batches = [(swapped, ref), (ref.clone(), ref)]  # case 2 perfect
+    evaluator = Engine(lambda e, b: {"pred": list(one_hot(b[0], 3)), "label": list(one_hot(b[1], 3))})
+    metrics = {
+        "val_mean_dice": MeanDice(include_background=False, reduction="mean", output_transform=from_engine(["pred", "label"])),
+        "val_dice_per_class": MeanDice(include_background=False, reduction="mean_batch", output_transform=from_engine(["pred", "label"])),
+        "val_mean_dice_tutorial": MeanDice(include_background=True, reduction="mean", output_transform=from_engine(["pred", "label"])),
+    }  # fmt: skip
+    for name, metric in metrics.items():
+        metric.attach(evaluator, name)
+    path = tmp_path / "val_metrics.csv"
+    logger = PerClassDiceLogger(
+        evaluator, {0: "bg", 1: "liver", 2: "spleen"}, extra_names=["val_mean_dice_tutorial"], csv_path=path
+    )
+    trainer = Engine(lambda e, b: evaluator.run(batches))
+    logger.attach(trainer)
+    trainer.run([0], max_epochs=1)
+    with open(path, newline="") as f:
+        header = next(iter(csv.reader(f)))
+    assert header == [
+        "iteration",
+        "epoch",
+        "val_mean_dice",
+        "val_mean_dice_tutorial",
+        "val_dice/liver",
+        "val_dice/spleen",
+    ]
+    (row,) = CsvLog.read(path)
+    # organs: case 1 (0.5 + 0.5) / 2, case 2 1.0 → 0.75; tutorial: case 1 (1 + 0.5 + 0.5) / 3, case 2 1.0 → 5/6
+    assert row["val_mean_dice"] == pytest.approx(0.75)
+    assert row["val_mean_dice_tutorial"] == pytest.approx(5 / 6)
+    assert row["val_dice/liver"] == pytest.approx(0.75) and row["val_dice/spleen"] == pytest.approx(0.75)
 
 
 def test_image_grid_layout_and_scaling(tmp_path):
