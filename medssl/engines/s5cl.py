@@ -10,6 +10,12 @@ of a labeled and an unlabeled batch with one encoder and a projection head:
   (those below ``confidence_threshold`` stay instances);
 - total = ``w_l * L_l + w_u * L_u + w_c * CE(classifier(weak labeled), labels)``.
 
+Where the classifier sits (``classifier_on``): ``"projection"`` (default, the reference code's layout) reads the
+projection the contrastive losses see, so cross entropy, contrast and pseudo-labels share one embedding;
+``"encoder"`` reads the pooled encoder features beside the projection head (medssl's earlier layout). The
+optimizer (:func:`s5cl_optimizer`) has one parameter group per module (encoder, projection head, classifier), as
+the reference steps one Adamax (lr 1e-4) per module; ``docs/fidelity_s5cl.md`` lists what follows the reference.
+
 ``τ_u > τ_l`` is the method's hierarchy (labeled classes are pulled together harder than instances):
 :func:`check_temperatures` rejects anything else.
 
@@ -52,11 +58,14 @@ from medssl.losses.supcon import SupConLoss
 
 __all__ = [
     "MODES",
+    "CLASSIFIER_INPUTS",
+    "OPTIMIZER_LEARNING_RATES",
     "check_temperatures",
     "ProjectionHead",
     "S5CLClassifier",
     "S5CLTokenNet",
     "s5cl_network",
+    "s5cl_optimizer",
     "TokenLabelBatch",
     "s5cl_data",
     "S5CLTrainer",
@@ -65,6 +74,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MODES = ("classification", "segmentation")
+# what the classifier reads: the projection (the reference code's layout) or the encoder features
+CLASSIFIER_INPUTS = ("projection", "encoder")
+# the recipe learning rate of each optimizer: Adamax as the reference notebook, AdamW as medssl before
+OPTIMIZER_LEARNING_RATES = {"adamax": 1.0e-4, "adamw": 1.0e-3}
 
 
 def _plain(x: Any, device: torch.device | str | None = None, non_blocking: bool = False) -> torch.Tensor:
@@ -100,8 +113,39 @@ class ProjectionHead(nn.Sequential):
         super().__init__(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_features))
 
 
-class S5CLClassifier(nn.Module):
-    """A 3D encoder with a classifier and a projection head on its pooled features.
+class _ClassifierAndProjection(nn.Module):
+    """The classifier and projection head both S5CL networks put on their encoder features."""
+
+    encoder_attribute = "encoder"  # the attribute holding the encoder
+
+    def _build_heads(self, in_features: int, num_classes: int, proj_dim: int, classifier_on: str) -> None:
+        if classifier_on not in CLASSIFIER_INPUTS:
+            raise ConfigError(
+                "classifier_on",
+                f"unknown classifier input {classifier_on!r} (use one of {', '.join(CLASSIFIER_INPUTS)})",
+            )
+        self.classifier_on = classifier_on
+        # classifier before head: the encoder layout draws its initial weights in the order it always did
+        self.classifier = nn.Linear(proj_dim if classifier_on == "projection" else in_features, num_classes)
+        self.head = ProjectionHead(in_features, proj_dim)
+
+    def _project_and_classify(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(..., in_features)`` → projections ``(..., proj_dim)`` and logits ``(..., num_classes)``."""
+        projection = self.head(features)
+        return projection, self.classifier(projection if self.classifier_on == "projection" else features)
+
+    def module_groups(self) -> dict[str, nn.Module]:
+        """The modules the optimizer steps as separate groups: ``encoder``, ``projection`` head, ``classifier``."""
+        return {
+            "encoder": getattr(self, self.encoder_attribute),
+            "projection": self.head,
+            "classifier": self.classifier,
+        }
+
+
+class S5CLClassifier(_ClassifierAndProjection):
+    """A 3D encoder with a projection head on its pooled features and a classifier on the projection (or on the
+    features).
 
     ``forward(x)`` gives the class logits ``(B, num_classes)`` (so MONAI evaluators use it as is);
     ``forward(x, return_embedding=True)`` also gives the projections ``(B, proj_dim)`` the contrastive losses see.
@@ -117,6 +161,12 @@ class S5CLClassifier(nn.Module):
             cheaper on small patches).
         patch_size, hidden_size, mlp_dim, num_layers, num_heads: ViT sizes.
         proj_dim: projection size.
+        classifier_on: ``"projection"`` (the classifier reads the projections, as in the reference code) or
+            ``"encoder"`` (it reads the pooled features).
+
+    Raises:
+        ValueError: fewer than 2 classes or an unknown encoder.
+        ConfigError: an unknown ``classifier_on``.
     """
 
     def __init__(
@@ -134,6 +184,7 @@ class S5CLClassifier(nn.Module):
         num_layers: int = 12,
         num_heads: int = 12,
         proj_dim: int = 128,
+        classifier_on: str = "projection",
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -168,8 +219,7 @@ class S5CLClassifier(nn.Module):
         else:
             raise ValueError(f"encoder must be 'resnet10' or 'vit', got {encoder!r}")
         self.num_features = features
-        self.classifier = nn.Linear(features, num_classes)
-        self.head = ProjectionHead(features, proj_dim)
+        self._build_heads(features, num_classes, proj_dim, classifier_on)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W, D)`` → pooled features ``(B, num_features)``."""
@@ -183,14 +233,15 @@ class S5CLClassifier(nn.Module):
 
         The embedding is a ``forward`` option rather than a method so that DDP wrappers see the call.
         """
-        f = self.features(x)
+        projection, logits = self._project_and_classify(self.features(x))
         if return_embedding:
-            return {"projection": self.head(f), "logits": self.classifier(f)}
-        return self.classifier(f)
+            return {"projection": projection, "logits": logits}
+        return logits
 
 
-class S5CLTokenNet(nn.Module):
-    """A UNETR-compatible ViT encoder (``self.vit``) with per-token classifier and projection head.
+class S5CLTokenNet(_ClassifierAndProjection):
+    """A UNETR-compatible ViT encoder (``self.vit``) with a per-token projection head and classifier (on the
+    projection, or on the tokens).
 
     The ViT is built exactly as :class:`medssl.networks.unetr.UNETR` builds it, so the ``vit.*`` tensors of a
     checkpoint load into a UNETR of the same sizes. ``forward(x)`` gives token logits ``(B, num_classes, N)``
@@ -201,7 +252,15 @@ class S5CLTokenNet(nn.Module):
             qkv_bias: as in :class:`~medssl.networks.unetr.UNETR`.
         num_classes: label classes (background included).
         proj_dim: projection size.
+        classifier_on: ``"projection"`` (the classifier reads each token's projection, as in the reference code) or
+            ``"encoder"`` (it reads the ViT tokens).
+
+    Raises:
+        ValueError: ``img_size`` not divisible by ``patch_size``.
+        ConfigError: an unknown ``classifier_on``.
     """
+
+    encoder_attribute = "vit"
 
     def __init__(
         self,
@@ -217,6 +276,7 @@ class S5CLTokenNet(nn.Module):
         dropout_rate: float = 0.0,
         qkv_bias: bool = False,
         proj_dim: int = 128,
+        classifier_on: str = "projection",
     ) -> None:
         super().__init__()
         from monai.networks.nets import ViT
@@ -242,16 +302,16 @@ class S5CLTokenNet(nn.Module):
             spatial_dims=3,
             qkv_bias=qkv_bias,
         )
-        self.classifier = nn.Linear(hidden_size, num_classes)
-        self.head = ProjectionHead(hidden_size, proj_dim)
+        self._build_heads(hidden_size, num_classes, proj_dim, classifier_on)
 
     def forward(self, x: torch.Tensor, return_embedding: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         """Token logits ``(B, num_classes, N)``; with ``return_embedding`` ``{"projection": (B, N, proj_dim),
         "logits"}``."""
         tokens, _ = self.vit(x)
-        logits = self.classifier(tokens).transpose(1, 2)
+        projection, logits = self._project_and_classify(tokens)
+        logits = logits.transpose(1, 2)
         if return_embedding:
-            return {"projection": self.head(tokens), "logits": logits}
+            return {"projection": projection, "logits": logits}
         return logits
 
 
@@ -271,6 +331,48 @@ def s5cl_network(mode: str, **kwargs: Any) -> nn.Module:
     cls = S5CLClassifier if mode == "classification" else S5CLTokenNet
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     return cls(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def s5cl_optimizer(
+    network: nn.Module, optimizer: str = "adamax", lr: float | None = None, weight_decay: float = 1.0e-4
+) -> torch.optim.Optimizer:
+    """One optimizer over an S5CL network with a parameter group per module: encoder, projection, classifier.
+
+    The reference code steps three ``Adamax(lr=1e-4, weight_decay=1e-4)`` optimizers, one per module. Adamax updates
+    each parameter from its own state, so one Adamax whose three groups carry those settings takes the same steps,
+    and the trainer, the checkpoint and resume keep handling a single optimizer. Each group's ``"name"`` says which
+    module it holds, so a group's learning rate can be changed on its own.
+
+    Args:
+        network: :class:`S5CLClassifier` or :class:`S5CLTokenNet` (or a DDP wrapper of one).
+        optimizer: ``"adamax"`` (the reference's) or ``"adamw"`` (fused; medssl's earlier choice).
+        lr: every group's learning rate; ``None``: the optimizer's recipe rate in :data:`OPTIMIZER_LEARNING_RATES`
+            (Adamax 1e-4, AdamW 1e-3).
+        weight_decay: every group's weight decay (Adamax: added to the gradient, as in the reference; AdamW:
+            decoupled).
+
+    Raises:
+        ConfigError: an unknown optimizer, or a network whose parameters the three modules do not cover exactly.
+    """
+    if optimizer not in OPTIMIZER_LEARNING_RATES:
+        raise ConfigError(
+            "optimizer", f"unknown optimizer {optimizer!r} (use one of {', '.join(OPTIMIZER_LEARNING_RATES)})"
+        )
+    net = getattr(network, "module", network)
+    if not isinstance(net, _ClassifierAndProjection):
+        raise ConfigError("network", f"s5cl_optimizer needs an S5CL network, got {type(net).__name__}")
+    lr = OPTIMIZER_LEARNING_RATES[optimizer] if lr is None else float(lr)
+    groups = [{"name": name, "params": list(module.parameters())} for name, module in net.module_groups().items()]
+    grouped = [id(p) for g in groups for p in g["params"]]
+    seen = set(grouped)
+    left_out = [name for name, p in net.named_parameters() if id(p) not in seen]
+    if left_out:
+        raise ConfigError("network", f"parameters outside the encoder / projection / classifier groups: {left_out}")
+    if len(grouped) != len(set(grouped)):
+        raise ConfigError("network", "the encoder / projection / classifier groups share parameters")
+    if optimizer == "adamax":
+        return torch.optim.Adamax(groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 class TokenLabelBatch:

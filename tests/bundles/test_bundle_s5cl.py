@@ -128,3 +128,35 @@ def test_segmentation_starts_from_a_pretrained_vit(segmentation_run, ct_phantom,
     result = load_checkpoint(out / "model.pt")["state_dict"]
     vit = [k for k in source if k.startswith("vit.")]
     assert vit and all(torch.equal(result[k], source[k]) for k in vit)
+
+
+@pytest.mark.parametrize(
+    "overrides, classifier_input, optimizer_type, lr",
+    [
+        ({}, "projection", torch.optim.Adamax, 1e-4),  # the reference code's layout and optimizer
+        ({"classifier_on": "encoder", "optimizer": "adamw"}, "encoder", torch.optim.AdamW, 1e-3),
+        ({"optimizer": "adamw", "learning_rate": 5e-4}, "projection", torch.optim.AdamW, 5e-4),
+    ],
+)
+def test_classifier_placement_and_optimizer_ids(overrides, classifier_input, optimizer_type, lr):
+    """classifier_on and optimizer reach the network, its checkpoint config and the optimizer (parsed only)."""
+    from monai.bundle import ConfigParser
+
+    from medssl.engines.utils import network_config
+
+    parser = ConfigParser()
+    parser.read_config(CONFIGS)
+    parser.update({"device": "cpu", "num_classes": 6, **overrides})  # num_classes given: no data is read
+    network = parser.get_parsed_content("network")
+    optimizer = parser.get_parsed_content("optimizer_obj")
+    assert network_config(parser.get_parsed_content("network_def"))["classifier_on"] == classifier_input
+    assert parser["proj_dim"] == 64 and network.head[-1].out_features == 64
+    features = 64 if classifier_input == "projection" else network.num_features
+    assert network.classifier.in_features == features and network.num_features == 128  # widen_factor 0.25
+    assert type(optimizer) is optimizer_type
+    assert [(g["name"], g["lr"]) for g in optimizer.param_groups] == [
+        ("encoder", lr),
+        ("projection", lr),
+        ("classifier", lr),
+    ]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(network.parameters()))

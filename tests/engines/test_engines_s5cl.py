@@ -1,4 +1,5 @@
-"""S5CLTrainer: temperature hierarchy, pseudo-label switch step, token labels, learning, UNETR-loadable encoder."""
+"""S5CLTrainer: temperature hierarchy, pseudo-label switch step, token labels, learning, UNETR-loadable encoder;
+the classifier's place and the per-module optimizer."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ from ignite.engine import Events
 
 from medssl.checkpoint import save_checkpoint
 from medssl.data.patches import token_majority_labels
-from medssl.engines.s5cl import S5CLClassifier, S5CLTokenNet, S5CLTrainer, check_temperatures, s5cl_network
+from medssl.engines.s5cl import (
+    S5CLClassifier,
+    S5CLTokenNet,
+    S5CLTrainer,
+    check_temperatures,
+    s5cl_network,
+    s5cl_optimizer,
+)
 from medssl.errors import ConfigError
 
 SIZE = 8
@@ -245,3 +253,132 @@ def test_classifier_outputs_for_both_encoders(encoder):
     assert net(x).shape == out["logits"].shape == (3, 4) and out["projection"].shape == (3, 8)
     with pytest.raises(ValueError, match="encoder must be"):
         S5CLClassifier(num_classes=4, encoder="densenet")
+
+
+def _tiny(mode: str, **kw):
+    """A tiny S5CL network of either mode: 64 ResNet / 16 ViT features, 8-d projections, 3 classes."""
+    torch.manual_seed(0)
+    sizes = {"img_size": 8, "patch_size": 4, "hidden_size": 16, "mlp_dim": 32, "num_layers": 1, "num_heads": 2}
+    return s5cl_network(mode, num_classes=3, in_channels=1, widen_factor=0.125, proj_dim=8, **sizes, **kw)
+
+
+@pytest.mark.parametrize("mode", ["classification", "segmentation"])
+def test_default_classifier_reads_the_projection(mode):
+    net = _tiny(mode)
+    assert net.classifier_on == "projection" and net.classifier.in_features == 8
+    x = torch.randn(2, 1, 8, 8, 8)
+    out = net(x, return_embedding=True)
+    logits = net.classifier(out["projection"])
+    assert torch.allclose(out["logits"], logits if mode == "classification" else logits.transpose(1, 2))
+
+
+@pytest.mark.parametrize("mode, features", [("classification", 64), ("segmentation", 16)])
+def test_encoder_option_restores_the_earlier_layout(mode, features):
+    net = _tiny(mode, classifier_on="encoder").eval()
+    assert net.classifier.in_features == features and net.head[0].in_features == features
+    x = torch.randn(2, 1, 8, 8, 8)
+    with torch.no_grad():
+        encoded = net.features(x) if mode == "classification" else net.vit(x)[0]
+        logits = net.classifier(encoded)
+        assert torch.allclose(net(x), logits if mode == "classification" else logits.transpose(1, 2))
+    # the earlier layout's tensors: a checkpoint written before the option loads strictly
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.startswith(net.encoder_attribute)}
+    assert shapes == {
+        "classifier.weight": (3, features),
+        "classifier.bias": (3,),
+        "head.0.weight": (features, features),
+        "head.0.bias": (features,),
+        "head.2.weight": (8, features),
+        "head.2.bias": (8,),
+    }
+    with pytest.raises(ConfigError, match="classifier_on.*'features'"):
+        _tiny(mode, classifier_on="features")
+
+
+@pytest.mark.parametrize("classifier_on", ["projection", "encoder"])
+def test_pseudo_labels_come_from_the_classifier_input_of_the_layout(classifier_on):
+    """One step after the switch: the unlabeled loss gets argmax of the classifier, which read the projection
+    (default) or the encoder features (option) of the weak unlabeled views."""
+    net = S5CLClassifier(3, img_size=SIZE, widen_factor=0.125, proj_dim=16, classifier_on=classifier_on)
+    seen: dict[str, torch.Tensor] = {}
+    net.head.register_forward_hook(lambda m, i, o: seen.update(features=i[0].detach(), projection=o.detach()))
+    net.classifier.register_forward_hook(lambda m, i, o: seen.update(input=i[0].detach(), logits=o.detach()))
+    trainer = _trainer(
+        net, _cls_batches(1, 4), _cls_batches(1, 3, hidden_label=False), pseudo_label_start=0, max_epochs=1
+    )
+    spied = _spy(trainer, "unlabeled_loss")
+    trainer.run()
+    assert torch.equal(seen["input"], seen["projection" if classifier_on == "projection" else "features"])
+    assert seen["input"].shape == (2 * 3 + 2 * 4, 16 if classifier_on == "projection" else 64)
+    weak_unlabeled = slice(2 * 3, 2 * 3 + 4)  # batch order: weak / strong labeled, weak / strong unlabeled
+    assert torch.equal(spied[0][1], seen["logits"][weak_unlabeled].argmax(dim=1))
+
+
+@pytest.mark.parametrize("mode", ["classification", "segmentation"])
+@pytest.mark.parametrize(
+    "name, lr, expected_type, expected_lr",
+    [
+        ("adamax", None, torch.optim.Adamax, 1e-4),
+        ("adamw", None, torch.optim.AdamW, 1e-3),
+        ("adamax", 3e-4, torch.optim.Adamax, 3e-4),
+    ],
+)
+def test_optimizer_has_one_group_per_module(mode, name, lr, expected_type, expected_lr):
+    net = _tiny(mode)
+    opt = s5cl_optimizer(net, name, lr=lr)
+    assert type(opt) is expected_type
+    modules = {"encoder": net.encoder if mode == "classification" else net.vit, "projection": net.head}
+    modules["classifier"] = net.classifier
+    assert [g["name"] for g in opt.param_groups] == list(modules)
+    for group in opt.param_groups:
+        assert group["lr"] == expected_lr and group["weight_decay"] == 1e-4
+        assert [id(p) for p in group["params"]] == [id(p) for p in modules[group["name"]].parameters()]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(net.parameters()))
+
+
+def test_optimizer_rejects_unknown_names_and_networks():
+    with pytest.raises(ConfigError, match="optimizer.*'sgd'"):
+        s5cl_optimizer(_tiny("classification"), "sgd")
+    with pytest.raises(ConfigError, match="S5CL network"):
+        s5cl_optimizer(torch.nn.Linear(2, 2))
+    net = _tiny("classification")
+    net.extra = torch.nn.Linear(2, 2)  # a module outside the three groups would never be stepped
+    with pytest.raises(ConfigError, match=r"extra\.weight"):
+        s5cl_optimizer(net)
+
+
+def test_temperature_hierarchy_is_enforced_with_the_reference_optimizer():
+    net = _tiny("classification")
+    with pytest.raises(ConfigError, match="temperature_unlabeled=0.2 <= temperature_labeled=0.2"):
+        S5CLTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=_cls_batches(1, 2),
+            labeled_data_loader=_cls_batches(1, 2, hidden_label=False),
+            network=net,
+            optimizer=s5cl_optimizer(net),
+            temperature_labeled=0.2,
+            temperature_unlabeled=0.2,
+        )
+
+
+def test_grouped_adamax_steps_as_the_reference_three_optimizers():
+    """One Adamax with a group per module = the reference's three Adamax(lr 1e-4, wd 1e-4), step for step."""
+    grouped, separate = _tiny("classification"), _tiny("classification")
+    opt = s5cl_optimizer(grouped)
+    per_module = [
+        torch.optim.Adamax(m.parameters(), lr=1e-4, weight_decay=1e-4) for m in separate.module_groups().values()
+    ]
+    x = torch.randn(4, 1, 8, 8, 8)
+    for _ in range(3):
+        for net, optimizers in ((grouped, [opt]), (separate, per_module)):
+            for o in optimizers:
+                o.zero_grad()
+            out = net(x, return_embedding=True)
+            (out["logits"].square().mean() + out["projection"].square().mean()).backward()
+            for o in optimizers:
+                o.step()
+    initial = _tiny("classification").state_dict()
+    for k, v in grouped.state_dict().items():
+        assert torch.equal(v, separate.state_dict()[k]), k
+    assert not torch.equal(grouped.state_dict()["classifier.weight"], initial["classifier.weight"])
