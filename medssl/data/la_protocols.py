@@ -4,7 +4,8 @@
 * ``uamt``: the published preprocessing of UA-MT (Yu et al., "Uncertainty-aware Self-ensembling Model for
   Semi-supervised 3D Left Atrium Segmentation", MICCAI 2019; ``code/dataloaders/la_heart_processing.py`` of
   github.com/yulequan/UA-MT, which wrote its ``mri_norm2.h5`` files). **Optimistic**: every volume, test cases
-  included, is cropped around its own ground-truth atrium, so the test input already says where the answer is.
+  and the volumes used as unlabeled included, is cropped around its own ground-truth atrium, so the test input
+  already says where the answer is.
   Use it only to compare with numbers published under that protocol.
 
 The published rule, in the voxel order of the NRRD file (``x, y, z``; pynrrd's arrays, ITK's index order):
