@@ -47,6 +47,7 @@ def test_overlay_parses_with_the_published_window_and_one_final_validation(base,
     assert tuple(sliding.roi_size) == (112, 112, 80)
     assert tuple(sliding.overlap) == pytest.approx((0.8348214, 0.8348214, 0.94375))
     assert parser.get_parsed_content("preprocessing_summary")["orientation"] is None
+    assert parser.get_parsed_content("dice_squared") is True and parser.get_parsed_content("loss").dice.squared_pred
     if base == "mean_teacher":
         assert parser.get_parsed_content("train#best_model").networks.keys() == {"student"}
 
