@@ -52,7 +52,9 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from medssl.data.prepare import prepare_dataset
 
-    out = prepare_dataset(args.dataset, args.root, args.out, split=args.split)
+    out = prepare_dataset(
+        args.dataset, args.root, args.out, split=args.split, protocol=args.protocol, crop_seed=args.crop_seed
+    )
     print(out)
     return 0
 
@@ -209,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="the dataset's raw folder")
     p.add_argument("--out", required=True, help="datalist JSON to write")
     p.add_argument("--split", default=None, help="reference split to apply (default: the dataset's full split)")
+    # no argparse choices: a bad value is one "medssl: error:" line, like every other user error
+    p.add_argument(
+        "--protocol",
+        default=None,
+        help="la2018 only: full (default; whole scans as stored) or uamt, UA-MT's published preprocessing "
+        "(MICCAI 2019): every volume z-scored and cropped in-plane around its OWN ground-truth atrium, test cases "
+        "included. OPTIMISTIC, the crop uses the answer: only for comparing with numbers published that way; "
+        "write it into its own folder",
+    )
+    p.add_argument("--crop-seed", type=int, default=0, help="uamt: seed of the random crop margins (default: 0)")
 
     p = _add(
         sub,

@@ -21,6 +21,8 @@ the fallback is logged: cases sorted by name, the last 20 % (at least one) go to
   ``validation`` key. ``labeled_8`` / ``labeled_16`` keep the first 8 / 16 training ids of the list labeled
   and move the others (image only) to ``unlabeled``. Everything is checked before anything is written, then
   converted into a temporary folder and moved into place, so an error leaves no partial output.
+  Protocol ``full`` (default) keeps whole scans; ``uamt`` writes UA-MT's published preprocessing, cropped around
+  each case's own ground truth (optimistic; :mod:`medssl.data.la_protocols`).
 
 Output paths are relative to the JSON's folder when the file lies inside it, else absolute.
 """
@@ -43,6 +45,7 @@ from medssl import resources
 from medssl.atomic import atomic_write_text
 from medssl.data.datalist import AFFINE_TOLERANCE_MM
 from medssl.data.io import read_image_info
+from medssl.data.la_protocols import check_protocol, uamt_case
 from medssl.errors import ConfigError, DataError, ErrorList
 
 __all__ = [
@@ -81,6 +84,8 @@ _BTCV_SPLITS = {"full": "dataset_0.json", "init_12": "dataset_0_init_12.json", "
 _TCIA_SPLITS = {"full": "dataset_split.json"}
 _LA_SPLITS = {"full": None, "labeled_8": 8, "labeled_16": 16}
 _NII = (".nii.gz", ".nii")
+# which la2018 protocol wrote the volumes of a folder (see _check_protocol_folder)
+PROTOCOL_MARKER = ".medssl-la2018-protocol"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -436,7 +441,8 @@ def _la_cases(root: Path) -> dict[str, Path]:
     return cases
 
 
-def _convert_la_case(folder: Path, cid: str, stage: Path, labeled: bool) -> None:
+def _convert_la_case(folder: Path, cid: str, stage: Path, labeled: bool, protocol: str, seed: int) -> dict | None:
+    """Write one case into ``stage``; returns the crop record of the ``uamt`` protocol (``None`` for ``full``)."""
     import SimpleITK as sitk
 
     image_path, label_path = folder / "lgemri.nrrd", folder / "laendo.nrrd"
@@ -444,6 +450,7 @@ def _convert_la_case(folder: Path, cid: str, stage: Path, labeled: bool) -> None
         image = sitk.ReadImage(str(image_path))
     except RuntimeError as exc:
         raise DataError(image_path, f"cannot read image: {str(exc).strip().splitlines()[-1]}") from exc
+    crop = None
     if labeled:
         try:
             label = sitk.ReadImage(str(label_path))
@@ -454,11 +461,37 @@ def _convert_la_case(folder: Path, cid: str, stage: Path, labeled: bool) -> None
         bad = [v.item() for v in values if v not in (0, 255)]
         if bad:
             raise DataError(label_path, f"label values must be 0 or 255, found {bad[:10]}")
-        out = sitk.GetImageFromArray((arr == 255).astype(np.uint8))
-        out.CopyInformation(label)
+        if protocol == "uamt":
+            try:
+                image, out, crop = uamt_case(image, label, cid, seed)
+            except ValueError as exc:
+                raise DataError(image_path if "z-score" in str(exc) else label_path, f"protocol uamt: {exc}") from exc
+        else:
+            out = sitk.GetImageFromArray((arr == 255).astype(np.uint8))
+            out.CopyInformation(label)
         sitk.WriteImage(out, str(stage / "labelsTr" / f"{cid}.nii.gz"), useCompression=True)
     sub = "imagesTr" if labeled else "imagesUn"
     sitk.WriteImage(image, str(stage / sub / f"{cid}.nii.gz"), useCompression=True)
+    return crop
+
+
+def _check_protocol_folder(base: Path, protocol: str) -> None:
+    """Refuse to mix the volumes of two protocols in one folder (a datalist of one would read the other's).
+
+    Only ``uamt`` leaves a marker file, so the default protocol's output is what it always was; volumes without
+    a marker are ``full`` ones."""
+    marker = base / PROTOCOL_MARKER
+    if marker.is_file():
+        found = marker.read_text(encoding="utf-8").strip()
+    elif any((base / "imagesTr").glob("*.nii.gz")):
+        found = "full"
+    else:
+        return
+    if found != protocol:
+        raise ConfigError(
+            "protocol",
+            f"{base} holds la2018 volumes of protocol {found!r}; write protocol {protocol!r} into another folder",
+        )
 
 
 def prepare_la2018(
@@ -468,6 +501,8 @@ def prepare_la2018(
     split: str | None = None,
     validation_ids: Sequence[str] | None = None,
     splits_dir=None,
+    protocol: str | None = None,
+    crop_seed: int = 0,
 ) -> Path:
     """Convert LA 2018 case folders to NIfTI beside ``out`` and write the datalist.
 
@@ -477,19 +512,30 @@ def prepare_la2018(
     the first 8/16 training ids (reference list order, or sorted order in the fallback) labeled and list the
     other training images under ``unlabeled``. Folders without ``laendo.nrrd`` are always ``unlabeled``.
 
+    Protocol ``full`` (default) writes every scan whole, as stored. Protocol ``uamt`` writes what UA-MT (Yu et al.,
+    MICCAI 2019) trained and tested on (:mod:`medssl.data.la_protocols`): each labeled volume z-scored over the
+    whole scan, as float32, and cropped in-plane to the bounding box of its **own ground-truth** atrium plus random
+    margins (slices all kept), with the affine moved so world coordinates are kept. That is optimistic: test inputs
+    are cropped with their answer. Folders without ``laendo.nrrd`` cannot be cropped and are left out (logged);
+    the datalist records the protocol and every case's crop (``"protocol"``, ``"crops"``).
+
     Args:
         root: folder of case folders ``<ID>/lgemri.nrrd`` (+ ``laendo.nrrd``), at depth 1 or 2.
         out: the datalist JSON; ``imagesTr``, ``labelsTr``, ``imagesUn`` are written in its folder.
         split: ``full`` (default), ``labeled_8`` or ``labeled_16``.
         validation_ids: validation case ids when the reference split does not apply.
         splits_dir: ``json_splits`` folder (default: :func:`default_splits_dir`).
+        protocol: ``full`` (default) or ``uamt`` (optimistic, see above).
+        crop_seed: seed of the ``uamt`` margins (each case draws from ``(crop_seed, crc32(case id))``).
 
     Raises:
-        ConfigError: unknown split, unknown ``validation_ids``, or ``validation_ids`` for reference cases.
-        ErrorList: every missing file, unreadable header, label value other than 0/255, or image/label
-            geometry mismatch, found before anything is kept on disk.
+        ConfigError: unknown split or protocol, unknown ``validation_ids``, ``validation_ids`` for reference
+            cases, or an output folder that holds the volumes of the other protocol.
+        ErrorList: every missing file, unreadable header, label value other than 0/255, image/label geometry
+            mismatch or (``uamt``) empty label, found before anything is kept on disk.
     """
     root, out = Path(root), Path(out)
+    protocol = check_protocol(protocol)
     name = _split_name(split, _LA_SPLITS, "la2018")
     if not root.is_dir():
         raise DataError(root, "dataset root folder not found")
@@ -535,6 +581,13 @@ def prepare_la2018(
     labeled_train, moved = _la_partition(train_ids, _LA_SPLITS[name])
     if problems:
         raise ErrorList(problems)
+    if protocol == "uamt" and unlabeled_ids:
+        logger.warning(
+            "la2018: protocol uamt crops around the label; %d folders without one left out: %s",
+            len(unlabeled_ids),
+            unlabeled_ids,
+        )
+        unlabeled_ids = []
 
     jobs = [(cid, True) for cid in train_ids + val_ids] + [(cid, False) for cid in unlabeled_ids]
     for cid, labeled in jobs:
@@ -557,17 +610,22 @@ def prepare_la2018(
         raise ErrorList(problems)
 
     base = Path(os.path.abspath(out)).parent
+    _check_protocol_folder(base, protocol)
     created = [p for p in (base, *base.parents) if not p.exists()]
     base.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".medssl-prepare-", dir=base))
+    crops: dict[str, dict] = {}
     try:
         for sub in ("imagesTr", "labelsTr", "imagesUn"):
             (stage / sub).mkdir()
         for cid, labeled in jobs:
             try:
-                _convert_la_case(cases[cid], cid, stage, labeled)
+                crop = _convert_la_case(cases[cid], cid, stage, labeled, protocol, crop_seed)
             except DataError as exc:
                 problems.append(exc)
+            else:
+                if crop is not None:
+                    crops[cid] = crop
         if problems:
             raise ErrorList(problems)
         for sub in ("imagesTr", "labelsTr", "imagesUn"):
@@ -576,6 +634,8 @@ def prepare_la2018(
                 (base / sub).mkdir(exist_ok=True)
             for f in files:
                 os.replace(f, base / sub / f.name)
+        if protocol != "full":
+            atomic_write_text(base / PROTOCOL_MARKER, protocol + "\n")
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         for folder in created:  # deepest first; only the folders this call created, and only if still empty
@@ -586,16 +646,20 @@ def prepare_la2018(
         shutil.rmtree(stage, ignore_errors=True)
 
     training, unlabeled, validation = _la_items(labeled_train, moved, val_ids, unlabeled_ids)
-    dl = _decathlon(
-        "la2018",
+    description = (
         f"2018 Atrial Segmentation Challenge LGE-MRI, split {name} ({len(training)} labeled training, "
-        f"{len(unlabeled)} unlabeled, {len(validation)} validation); source: {source}; root {root.resolve()}",
-        LA_LABELS,
-        "MRI",
-        training,
-        validation,
-        unlabeled=unlabeled,
+        f"{len(unlabeled)} unlabeled, {len(validation)} validation); source: {source}; root {root.resolve()}"
     )
+    if protocol == "uamt":
+        description += (
+            f"; protocol uamt (OPTIMISTIC: every volume, validation included, cropped in-plane around its own "
+            f"ground-truth atrium as UA-MT's la_heart_processing.py does, z-scored over the whole scan; margin "
+            f"seed {crop_seed})"
+        )
+    dl = _decathlon("la2018", description, LA_LABELS, "MRI", training, validation, unlabeled=unlabeled)
+    if protocol == "uamt":
+        dl["protocol"] = protocol
+        dl["crops"] = {cid: crops[cid] for cid in sorted(crops)}
     logger.info(
         "la2018: %d training, %d unlabeled, %d validation -> %s", len(training), len(unlabeled), len(validation), out
     )
@@ -608,13 +672,31 @@ def prepare_la2018(
 _PREPARERS = {"btcv": prepare_btcv, "tcia": prepare_tcia, "la2018": prepare_la2018}
 
 
-def prepare_dataset(name: str, root: str | os.PathLike, out: str | os.PathLike, *, split: str | None = None) -> Path:
+def prepare_dataset(
+    name: str,
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    split: str | None = None,
+    protocol: str | None = None,
+    crop_seed: int = 0,
+) -> Path:
     """Dispatch to :func:`prepare_btcv`, :func:`prepare_tcia` or :func:`prepare_la2018` (``medssl prepare``).
+
+    ``protocol`` (``full`` by default) and ``crop_seed`` apply to ``la2018`` only, which also has ``uamt``.
+
+    Raises:
+        ConfigError: an unknown dataset or protocol, or a protocol other than ``full`` for BTCV / TCIA.
 
     Example::
 
         prepare_dataset("btcv", "/data/RawData", "data/btcv.json", split="init_6")
+        prepare_dataset("la2018", "/data/2018LA/Training Set", "data/la_uamt/datalist.json", protocol="uamt")
     """
     if name not in _PREPARERS:
         raise ConfigError("dataset", f"unknown dataset {name!r}; choose one of {sorted(_PREPARERS)}")
+    if name == "la2018":
+        return prepare_la2018(root, out, split=split, protocol=protocol, crop_seed=crop_seed)
+    if protocol not in (None, "", "full"):
+        raise ConfigError("protocol", f"{name} has only the 'full' protocol, got {protocol!r}")
     return _PREPARERS[name](root, out, split=split)

@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
 
-__all__ = ["scan_interval", "window_starts", "sliding_window_segment", "count_windows", "label_dtype"]
+__all__ = [
+    "scan_interval",
+    "overlap_for_stride",
+    "window_starts",
+    "sliding_window_segment",
+    "count_windows",
+    "label_dtype",
+]
 
 
 def scan_interval(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> tuple[int, ...]:
@@ -29,6 +36,39 @@ def scan_interval(image_size: Sequence[int], roi_size: Sequence[int], overlap: f
     out = []
     for size, roi in zip(image_size, roi_size):
         out.append(int(roi) if roi == size else max(int(roi * (1 - overlap)), 1))
+    return tuple(out)
+
+
+def overlap_for_stride(roi_size: Sequence[int], stride: Sequence[int]) -> tuple[float, ...]:
+    """Per-axis overlap for which MONAI's sliding window steps by exactly ``stride`` voxels.
+
+    MONAI steps by ``int(roi * (1 - overlap))``; every overlap in ``(1 - (stride + 1) / roi, 1 - stride / roi]``
+    gives ``stride``. This returns the middle of that interval, ``1 - (stride + 0.5) / roi`` (so float rounding
+    cannot tip it to a neighbour), and ``0.0`` when ``stride == roi``. MONAI's window starts are then those of a
+    stride-based loop such as UA-MT's ``test_single_case``: ``min(k * stride, size - roi)`` for
+    ``k = 0 .. ceil((size - roi) / stride)``, after the same zero padding of axes shorter than the roi.
+    For UA-MT's LA test (roi 112 × 112 × 80, stride 18 in-plane, 4 along z) this is ``(0.8348, 0.8348, 0.94375)``.
+
+    Args:
+        roi_size: window size per axis.
+        stride: wanted step per axis, ``1 <= stride <= roi``.
+
+    Raises:
+        ValueError: lengths differ or a stride is outside ``[1, roi]``.
+
+    Example::
+
+        SlidingWindowInferer(roi_size=(112, 112, 80), overlap=overlap_for_stride((112, 112, 80), (18, 18, 4)))
+    """
+    if len(roi_size) != len(stride):
+        raise ValueError(f"roi_size {list(roi_size)} and stride {list(stride)} must have the same length")
+    out = []
+    for roi, step in zip(roi_size, stride):
+        if int(step) != step or not 1 <= step <= roi:
+            raise ValueError(
+                f"stride must be an integer in [1, roi]; got stride {list(stride)} for roi {list(roi_size)}"
+            )
+        out.append(0.0 if step == roi else 1.0 - (int(step) + 0.5) / int(roi))
     return tuple(out)
 
 

@@ -138,6 +138,7 @@ def test_full_recipe_defaults(tmp_path):
         "max_iterations": 6000,
         "ce_weight": 0.5,
         "dice_weight": 0.5,
+        "dice_squared": False,
         "num_classes": 2,
         "base_filters": 16,
         "precision": "auto",
@@ -149,7 +150,8 @@ def test_full_recipe_defaults(tmp_path):
     loss = p.get_parsed_content("loss")
     logits = torch.randn(2, 2, 8, 8, 8)
     label = (torch.rand(2, 1, 8, 8, 8) > 0.7).float()
-    # the UA-MT loss: 0.5 * (cross entropy + soft Dice of the atrium over the whole batch)
+    # the default loss: 0.5 * (cross entropy + soft Dice of the atrium over the whole batch); UA-MT's squares the
+    # Dice denominators (dice_squared: tests/bundles/test_bundle_la_dice_squared.py)
     soft = logits.softmax(1)[:, 1]
     fg = label[:, 0]
     dice = 1 - (2 * (soft * fg).sum() + 1e-5) / (soft.sum() + fg.sum() + 1e-5)

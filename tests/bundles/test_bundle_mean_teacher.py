@@ -214,6 +214,7 @@ def test_full_recipe_defaults(tmp_path):
         "ema_decay": 0.99,
         "ema_buffers": True,
         "uncertainty": False,
+        "dice_squared": False,
         "noise_std": 0.1,
         "noise_clip": 0.2,
         "num_classes": 2,
