@@ -161,8 +161,9 @@ class S5CLClassifier(_ClassifierAndProjection):
             cheaper on small patches).
         patch_size, hidden_size, mlp_dim, num_layers, num_heads: ViT sizes.
         proj_dim: projection size.
-        classifier_on: ``"projection"`` (the classifier reads the projections, as in the reference code) or
-            ``"encoder"`` (it reads the pooled features).
+        classifier_on: ``"projection"`` (the classifier reads the projections, as in the reference code; the
+            bundle's default) or ``"encoder"`` (it reads the pooled features; the class default, so that a
+            checkpoint config written before the option existed rebuilds the network it was trained as).
 
     Raises:
         ValueError: fewer than 2 classes or an unknown encoder.
@@ -184,7 +185,7 @@ class S5CLClassifier(_ClassifierAndProjection):
         num_layers: int = 12,
         num_heads: int = 12,
         proj_dim: int = 128,
-        classifier_on: str = "projection",
+        classifier_on: str = "encoder",
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -252,8 +253,9 @@ class S5CLTokenNet(_ClassifierAndProjection):
             qkv_bias: as in :class:`~medssl.networks.unetr.UNETR`.
         num_classes: label classes (background included).
         proj_dim: projection size.
-        classifier_on: ``"projection"`` (the classifier reads each token's projection, as in the reference code) or
-            ``"encoder"`` (it reads the ViT tokens).
+        classifier_on: ``"projection"`` (the classifier reads each token's projection, as in the reference code;
+            the bundle's default) or ``"encoder"`` (it reads the ViT tokens; the class default, so that a checkpoint
+            config written before the option existed rebuilds the network it was trained as).
 
     Raises:
         ValueError: ``img_size`` not divisible by ``patch_size``.
@@ -276,7 +278,7 @@ class S5CLTokenNet(_ClassifierAndProjection):
         dropout_rate: float = 0.0,
         qkv_bias: bool = False,
         proj_dim: int = 128,
-        classifier_on: str = "projection",
+        classifier_on: str = "encoder",
     ) -> None:
         super().__init__()
         from monai.networks.nets import ViT

@@ -263,8 +263,8 @@ def _tiny(mode: str, **kw):
 
 
 @pytest.mark.parametrize("mode", ["classification", "segmentation"])
-def test_default_classifier_reads_the_projection(mode):
-    net = _tiny(mode)
+def test_reference_layout_classifier_reads_the_projection(mode):
+    net = _tiny(mode, classifier_on="projection")
     assert net.classifier_on == "projection" and net.classifier.in_features == 8
     x = torch.randn(2, 1, 8, 8, 8)
     out = net(x, return_embedding=True)
@@ -293,6 +293,8 @@ def test_encoder_option_restores_the_earlier_layout(mode, features):
     }
     with pytest.raises(ConfigError, match="classifier_on.*'features'"):
         _tiny(mode, classifier_on="features")
+    # a network config without the option (every checkpoint written before it) rebuilds this layout
+    assert _tiny(mode).classifier_on == "encoder"
 
 
 @pytest.mark.parametrize("classifier_on", ["projection", "encoder"])
