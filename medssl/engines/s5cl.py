@@ -14,7 +14,8 @@ Where the classifier sits (``classifier_on``): ``"projection"`` (default, the re
 projection the contrastive losses see, so cross entropy, contrast and pseudo-labels share one embedding;
 ``"encoder"`` reads the pooled encoder features beside the projection head (medssl's earlier layout). The
 optimizer (:func:`s5cl_optimizer`) has one parameter group per module (encoder, projection head, classifier), as
-the reference steps one Adamax (lr 1e-4) per module; ``docs/fidelity_s5cl.md`` lists what follows the reference.
+the reference steps one Adamax (lr 1e-4) per module; ``docs/fidelity.md`` (section (d)) lists what follows the
+reference.
 
 ``τ_u > τ_l`` is the method's hierarchy (labeled classes are pulled together harder than instances):
 :func:`check_temperatures` rejects anything else.
