@@ -288,6 +288,33 @@ def reconstruction_check(
     return {**{k: v / max(n, 1) for k, v in totals.items()}, "crops": n}
 
 
+def encoder_names(paths: Sequence[str | Path]) -> list[str]:
+    """Short unique names for checkpoint paths: the file name, or ``folder/file`` where file names repeat."""
+    names = [Path(p).name for p in paths]
+    return [f"{Path(p).parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
+
+
+def patch_oracle(
+    volumes: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    n_train: int,
+    *,
+    roi: Sequence[int],
+    patch: int,
+    num_classes: int,
+) -> dict[str, Any]:
+    """The probe's ceiling: test-volume Dice when every patch takes its own majority class (a perfect token)."""
+    fracs, counts = [], []
+    for image, label in volumes[n_train:]:
+        _, tile_labels = _tiles(image, label, roi)
+        for t in range(tile_labels.shape[0]):
+            f, n = patch_fractions(tile_labels[t], patch, num_classes)
+            fracs.append(f[n > 0])
+            counts.append(n[n > 0])
+    frac, n = torch.cat(fracs), torch.cat(counts)
+    dice = _dice(frac.argmax(1), frac, n)
+    return {"dice": dice, "mean_dice": _fg_mean(dice)}
+
+
 def _vit_from(source: str | None, network: Mapping[str, Any], seed: int) -> nn.Module:
     from medssl.checkpoint import build_network, load_checkpoint
 
@@ -323,11 +350,13 @@ def run_probe(
     patch = int(network["patch_size"])
     roi = [int(s) for s in network["img_size"]]
     n_train = n_train if n_train is not None else (2 * len(records)) // 3
-    sources: list[tuple[str, str | None, int]] = [(Path(e).name, e, 0) for e in encoders]
+    sources: list[tuple[str, str | None, int]] = [(n, e, 0) for n, e in zip(encoder_names(encoders), encoders)]
     sources += [(f"random (seed {s})", None, s) for s in range(random_seeds)]
     rows = []
     for window in windows:
         volumes = load_volumes(records, window, spacing)
+        oracle = patch_oracle(volumes, n_train, roi=roi, patch=patch, num_classes=num_classes)
+        rows.append({"encoder": "patch oracle", "window": list(window), "depth": -1, **oracle})
         for name, src, seed in sources:
             net = _vit_from(src, network, seed)
             for r in probe_encoder(net, volumes, n_train, roi=roi, patch=patch, num_classes=num_classes):
@@ -369,6 +398,8 @@ def write_report(
     from medssl.atomic import atomic_write_text
 
     lines = [header, "", "## Linear segmentation probe (frozen tokens, test volumes)", ""]
+    oracle = [r for r in rows if r["encoder"] == "patch oracle"]
+    rows = [r for r in rows if r["encoder"] != "patch oracle"]
     windows = sorted({tuple(r["window"]) for r in rows})
     depths = sorted({r["depth"] for r in rows})
     names = list(dict.fromkeys("random" if r["encoder"].startswith("random") else r["encoder"] for r in rows))
@@ -391,7 +422,9 @@ def write_report(
     lines += [
         "",
         "Mean foreground Dice (%) of a linear classifier on frozen patch tokens, each patch's voxels taking the "
-        "token's class (so even a perfect probe is limited by the patch size).",
+        "token's class. Its ceiling, every patch taking its own majority class: "
+        + ", ".join(f"{r['mean_dice'] * 100:.1f} (window {r['window'][0]:g}..{r['window'][1]:g})" for r in oracle)
+        + ".",
         "",
         "## Reconstruction of corrupted views (L1, lower is better)",
         "",
@@ -432,9 +465,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.views:
             records = load_datalist(args.datalist, keys=[args.key]).data[args.key]
             views = view_settings(args.views)
-            for e in args.encoder:
-                recon[Path(e).name] = reconstruction_check(e, records, views)
-                print(f"{Path(e).name}: reconstruction L1 {recon[Path(e).name]}", flush=True)
+            for name, e in zip(encoder_names(args.encoder), args.encoder):
+                recon[name] = reconstruction_check(e, records, views)
+                print(f"{name}: reconstruction L1 {recon[name]}", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps({"probe": rows, "reconstruction": recon}, indent=1) + "\n")
         if args.report:

@@ -38,9 +38,11 @@ def test_partial_run_writes_a_report_marked_partial(tmp_path, monkeypatch):
 
     monkeypatch.setattr("medssl.study.run_study", fake_study)
     monkeypatch.setattr("medssl.demo.threshold_baseline", lambda datalist: 0.25)
+    monkeypatch.setattr("os.getloadavg", lambda: (1.5, 1.0, 0.5))
     paths = evidence.run_evidence(tmp_path / "runs", tmp_path / "docs", only=["ct"], labeled=[1], seeds=2, budget=3)
     md = paths["md"].read_text()
     assert "PARTIAL" in md and "CPU capability" in md and "precision auto ->" in md
+    assert "load average at the start 1.50: LOADED" in md and "diagnosis.md" in md
     with open(paths["csv"]) as f:
         rows = list(csv.DictReader(f))
     assert {r["task"] for r in rows} == {"ct"} and {r["labeled"] for r in rows} == {"1"}

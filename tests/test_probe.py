@@ -101,3 +101,23 @@ def test_reconstruction_check_is_deterministic_and_counts_crops(ct_phantom, tmp_
     assert a == b and a["crops"] == 4
     assert a["identity"] != c["identity"]  # other crops and views
     assert all(0.0 < a[k] < 1.0 for k in ("model", "identity", "mean"))
+
+
+def test_encoder_names_stay_unique():
+    from medssl.probe import encoder_names
+
+    assert encoder_names(["a/x.pt", "b/x.pt", "c/y.pt"]) == ["a/x.pt", "b/x.pt", "y.pt"]
+
+
+def test_patch_oracle_is_perfect_on_patch_aligned_labels_and_not_otherwise():
+    from medssl.probe import patch_oracle
+
+    label = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    label[0, :4, :4, :4] = 1  # one whole 4^3 patch
+    image = torch.zeros(1, 8, 8, 8)
+    aligned = patch_oracle([(image, label), (image, label)], 1, roi=[8, 8, 8], patch=4, num_classes=2)
+    assert aligned["mean_dice"] == pytest.approx(1.0)
+    shifted = torch.zeros_like(label)
+    shifted[0, 1:5, 1:5, 1:5] = 1  # straddles 8 patches, none of them majority organ
+    off = patch_oracle([(image, label), (image, shifted)], 1, roi=[8, 8, 8], patch=4, num_classes=2)
+    assert off["mean_dice"] == pytest.approx(0.0)
