@@ -4,7 +4,8 @@ Two studies through :func:`medssl.study.run_study` (every cell is a real bundle 
 and resumes a killed one), then one report in ``docs/evidence/``:
 
 * **CT** (multi-organ, UNETR): scratch vs SSL-pretrained (the shipped ``assets/ssl_vit_ct_cpu.pt``) vs Mean
-  Teacher vs both, at 1 / 2 / 4 labeled volumes, 3 seeds, on a five-organ CT phantom of a seed that no setting
+  Teacher vs both, and Mean Teacher without its consistency term (the control that separates what the unlabeled
+  volumes add from what Mean Teacher's batches do), at 1 / 2 / 4 labeled volumes, 3 seeds, on a five-organ CT phantom of a seed that no setting
   was tuned on, with ``bundles/cpu_study.yaml``; every method sees 2 labeled crops per step;
 * **LA** (left atrium, V-Net): supervised vs Mean Teacher vs UA-MT at 2 labeled volumes, 3 seeds; every method
   sees the same labeled crops per step (2), Mean Teacher adds 2 unlabeled ones; no dropout (see
@@ -53,7 +54,15 @@ EVIDENCE: dict[str, dict[str, Any]] = {
         },  # fmt: skip
         "study": {
             "labeled": [1, 2, 4],
-            "methods": ["scratch", "pretrained", "mean_teacher", "pretrained_mean_teacher"],
+            # mean_teacher_no_consistency: Mean Teacher's data and batches without the unlabeled loss, the control that
+            # tells what the unlabeled volumes add (on the selection phantom they added nothing: docs/evidence/diagnosis.md)
+            "methods": [
+                "scratch",
+                "pretrained",
+                "mean_teacher",
+                "mean_teacher_no_consistency",
+                "pretrained_mean_teacher",
+            ],
             "seeds": 3,
             "budget": 300,
             # every method sees 2 labeled crops per step: scratch / pretrained 2 crops of one volume, Mean Teacher
@@ -61,7 +70,8 @@ EVIDENCE: dict[str, dict[str, Any]] = {
             # budget as the recipe's 40 x 150 is to its 25k iterations
             "overrides": {"num_classes": 6, "num_samples": 2},
             "method_overrides": {
-                m: {"batch_size": 4, "consistency_rampup_unit": 8} for m in ("mean_teacher", "pretrained_mean_teacher")
+                m: {"batch_size": 4, "consistency_rampup_unit": 8}
+                for m in ("mean_teacher", "mean_teacher_no_consistency", "pretrained_mean_teacher")
             },
         },
         "overlays": ["cpu_study.yaml"],

@@ -13,6 +13,7 @@ method                      btcv                                                
 scratch                     btcv_unetr.yaml                                      la_vnet.yaml
 pretrained                  btcv_unetr.yaml + ``pretrained_ckpt``                (no ViT: not available)
 mean_teacher                mean_teacher.yaml + mean_teacher_btcv.yaml           mean_teacher.yaml
+mean_teacher_no_consistency as mean_teacher, ``--consistency 0``                 as mean_teacher
 pretrained_mean_teacher     mean_teacher.yaml + mean_teacher_btcv.yaml + ckpt    (not available)
 ua_mt                       (not available)                                      mean_teacher.yaml + ``--uncertainty true``
 =========================== ==================================================== =========================
@@ -78,12 +79,19 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METHODS = ("scratch", "pretrained", "mean_teacher", "pretrained_mean_teacher", "ua_mt")
+METHODS = ("scratch", "pretrained", "mean_teacher", "mean_teacher_no_consistency", "pretrained_mean_teacher", "ua_mt")
 _STAGE = {"scratch": "finetune", "pretrained": "finetune", "mean_teacher": "mean_teacher"}
 _STAGE["pretrained_mean_teacher"] = "mean_teacher"
 _STAGE["ua_mt"] = "mean_teacher"
-# what makes a method other than its bundle: UA-MT is Mean Teacher with the uncertainty-masked consistency
-METHOD_OVERRIDES: dict[str, dict[str, Any]] = {"ua_mt": {"uncertainty": "true"}}
+CONTROL = "mean_teacher_no_consistency"
+_STAGE[CONTROL] = "mean_teacher"
+# what makes a method other than its bundle: UA-MT is Mean Teacher with the uncertainty-masked consistency; the
+# control without consistency is Mean Teacher's data and batches with the unlabeled loss switched off, so that the
+# difference between the two is what the unlabeled volumes buy
+METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
+    "ua_mt": {"uncertainty": "true"},
+    CONTROL: {"consistency": 0.0},
+}
 BUNDLES = {
     ("btcv", "finetune"): ("btcv_unetr.yaml",),
     ("btcv", "mean_teacher"): ("mean_teacher.yaml", "mean_teacher_btcv.yaml"),
@@ -622,9 +630,9 @@ def render_table(agg: Mapping[tuple[str, int], Sequence[float]], methods: Sequen
 
 
 def paired_gains(
-    rows: Sequence[Mapping[str, Any]], methods: Sequence[str], counts: Sequence[int]
+    rows: Sequence[Mapping[str, Any]], methods: Sequence[str], counts: Sequence[int], baseline: str = "scratch"
 ) -> dict[tuple[str, int], dict[int, float]]:
-    """Per seed, a method's mean foreground Dice minus scratch's at the same labeled count and seed.
+    """Per seed, a method's mean foreground Dice minus ``baseline``'s at the same labeled count and seed.
 
     A seed fixes the labeled subset, so each difference is paired: the same labeled volumes, the same budget.
     """
@@ -634,14 +642,15 @@ def paired_gains(
     means = {k: float(np.mean(v)) for k, v in per_seed.items()}
     gains: dict[tuple[str, int], dict[int, float]] = {}
     for (method, n, seed), value in sorted(means.items()):
-        if method == "scratch" or ("scratch", n, seed) not in means:
+        if method == baseline or (baseline, n, seed) not in means:
             continue
-        gains.setdefault((method, n), {})[seed] = value - means[("scratch", n, seed)]
+        gains.setdefault((method, n), {})[seed] = value - means[(baseline, n, seed)]
     return {k: v for k, v in gains.items() if k[0] in methods and k[1] in counts}
 
 
-def render_gains(gains: Mapping[tuple[str, int], Mapping[int, float]]) -> str:
-    """Markdown: the paired gains per seed, their mean ± sd, and whether the effect exceeds the seed spread."""
+def render_gains(gains: Mapping[tuple[str, int], Mapping[int, float]], baseline: str = "scratch") -> str:
+    """Markdown: the paired gains per seed over ``baseline``, their mean ± sd, and whether the effect exceeds the
+    seed spread."""
     if not gains:
         return ""
     lines = [
@@ -660,8 +669,8 @@ def render_gains(gains: Mapping[tuple[str, int], Mapping[int, float]]) -> str:
         lines.append(f"| {method} | {n} | {per_seed} | {100 * mean:+.1f} ± {100 * sd:.1f} | {verdict} |")
     lines.append("")
     lines.append(
-        "Gain = the method's mean foreground Dice minus scratch's with the same seed (the same labeled volumes and "
-        "budget). 'beyond seed spread': at least 3 seeds, all of one sign, and |mean| > sd of the per-seed gains."
+        f"Gain = the method's mean foreground Dice minus {baseline}'s with the same seed (the same labeled volumes "
+        "and budget). 'beyond seed spread': at least 3 seeds, all of one sign, and |mean| > sd of the per-seed gains."
     )
     return "\n".join(lines) + "\n"
 
@@ -748,6 +757,12 @@ def write_results(
     gains = render_gains(paired_gains(rows, methods, counts))
     if gains:
         table += "\n" + gains
+    if CONTROL in methods:
+        # what the unlabeled volumes' consistency term adds on Mean Teacher's own data and batches
+        with_unlabeled = [m for m in methods if m in ("mean_teacher", "pretrained_mean_teacher", "ua_mt")]
+        control = render_gains(paired_gains(rows, with_unlabeled, counts, baseline=CONTROL), baseline=CONTROL)
+        if control:
+            table += "\nWhat the consistency term on unlabeled volumes adds:\n\n" + control
     tutorial = render_tutorial_table(agg, aggregate_tutorial(rows), methods, counts)
     if tutorial:
         table += "\n" + tutorial

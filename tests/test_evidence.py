@@ -17,8 +17,12 @@ def test_evidence_configuration_builds_valid_studies(task):
     assert set(cfg.methods) <= set(METHODS) and cfg.seed_list == [0, 1, 2]
     assert set(cfg.method_overrides) <= set(cfg.methods)
     # the design: CT at three labeled counts with all four methods, LA with supervised / MT / UA-MT
-    expected = {"ct": ["scratch", "pretrained", "mean_teacher", "pretrained_mean_teacher"],
+    expected = {"ct": ["scratch", "pretrained", "mean_teacher", "mean_teacher_no_consistency",
+                       "pretrained_mean_teacher"],
                 "la": ["scratch", "mean_teacher", "ua_mt"]}  # fmt: skip
+    # the control runs Mean Teacher's batches: its overrides equal Mean Teacher's
+    if "mean_teacher_no_consistency" in cfg.methods:
+        assert cfg.method_overrides["mean_teacher_no_consistency"] == cfg.method_overrides["mean_teacher"]
     assert cfg.methods == expected[task]
     assert len(cfg.labeled) == (3 if task == "ct" else 1)
 

@@ -55,6 +55,24 @@ def test_results_carry_title_reference_and_gains(tmp_path):
     assert paths["png"].stat().st_size > 1000
 
 
+def test_the_no_consistency_control_isolates_what_the_unlabeled_loss_adds(tmp_path):
+    assert METHOD_OVERRIDES["mean_teacher_no_consistency"] == {"consistency": 0.0}
+    cells = {("scratch", 2, s): [0.5] for s in range(3)}
+    cells.update({("mean_teacher_no_consistency", 2, s): [0.6] for s in range(3)})
+    cells.update({("mean_teacher", 2, s): [0.6 + 0.01 * s] for s in range(3)})
+    rows = _rows(cells)
+    methods = ["scratch", "mean_teacher", "mean_teacher_no_consistency"]
+    over_control = paired_gains(rows, ["mean_teacher"], [2], baseline="mean_teacher_no_consistency")
+    assert list(over_control) == [("mean_teacher", 2)]
+    assert over_control[("mean_teacher", 2)] == pytest.approx({0: 0.0, 1: 0.01, 2: 0.02})
+    md = write_results(rows, tmp_path, methods=methods, counts=[2])["md"].read_text()
+    # against scratch Mean Teacher gains 10-12 points; against its own pipeline without consistency 0-2
+    assert "| mean_teacher | 2 | s0: +10.0, s1: +11.0, s2: +12.0 | +11.0 ± 1.0 | yes |" in md
+    tail = md.split("What the consistency term on unlabeled volumes adds:")[1]
+    assert "| mean_teacher | 2 | s0: +0.0, s1: +1.0, s2: +2.0 | +1.0 ± 1.0 | no |" in tail
+    assert "minus mean_teacher_no_consistency's" in tail
+
+
 def test_last_progress_reads_the_newest_status_line(tmp_path):
     log = tmp_path / "train.log"
     assert _last_progress(log) is None  # not there yet

@@ -32,9 +32,12 @@ def tiny_run(tiny_la, tmp_path_factory) -> Path:
     from monai.bundle import run
 
     out = tmp_path_factory.mktemp("la_run") / "out"
-    # the lr steps x0.1 every 2 iterations here (2500 in the recipe); 5 iterations end inside the third epoch
+    # the lr steps x0.1 every 2 iterations here (2500 in the recipe); 5 iterations end inside the third epoch;
+    # without the recipe's Dropout3d(0.5), whose noise would hide a 5-step loss decrease (dropout itself:
+    # tests/networks/test_networks_vnet.py)
     run("training", config_file=CONFIGS, **bundle_overrides(tiny_la, out, max_iterations=5, val_interval=2,
-                                                             lr_step_iterations=2, precision=TEST_PRECISION))  # fmt: skip
+                                                             lr_step_iterations=2, precision=TEST_PRECISION,
+                                                             has_dropout="false"))  # fmt: skip
     return out
 
 
@@ -141,6 +144,7 @@ def test_full_recipe_defaults(tmp_path):
         "dice_squared": False,
         "num_classes": 2,
         "base_filters": 16,
+        "has_dropout": True,  # train_LA.py's VNet(..., has_dropout=True)
         "precision": "auto",
         "pretrained_ckpt": None,
         "resume": False,
