@@ -251,6 +251,39 @@ def _prediction_name(case: str) -> str:
     return f"{case}.nii.gz" if case.endswith("_seg") else f"{case}{PREDICTION_SUFFIX}"
 
 
+# how a prediction may be named after its case: medssl's ``medssl infer`` output, or nnU-Net's (same as the reference)
+NAMINGS = {"medssl": "<name>_seg.nii.gz", "nnU-Net": "<name>.nii.gz"}
+
+
+def _match_predictions(pred_dir: Path, cases: Sequence[tuple[str, Path]]) -> tuple[dict[str, Path], list[str]]:
+    """Each case's prediction file and the namings matched; every missing or ambiguous case is one error.
+
+    Raises:
+        ErrorList: cases without a prediction (both names looked for) or with one under both names.
+    """
+    matched: dict[str, Path] = {}
+    used: list[str] = []
+    problems: list[DataError] = []
+    for name, _ in cases:
+        candidates = {"medssl": _prediction_name(name), "nnU-Net": f"{name}.nii.gz"}
+        found = {k: pred_dir / v for k, v in candidates.items() if (pred_dir / v).is_file()}
+        if len(set(found.values())) > 1:
+            a, b = found["medssl"].name, found["nnU-Net"].name
+            problems.append(DataError(pred_dir, f"case '{name}' has two predictions, {a} and {b}: keep one"))
+        elif not found:
+            looked = " or ".join(dict.fromkeys(candidates.values()))
+            problems.append(DataError(pred_dir / candidates["medssl"], f"prediction for case '{name}' is missing "
+                                      f"(looked for {looked})"))  # fmt: skip
+        else:
+            kind = next(iter(found))
+            matched[name] = found[kind]
+            if kind not in used:
+                used.append(kind)
+    if problems:
+        raise ErrorList(problems)
+    return matched, used
+
+
 def _reference_cases(
     ref: str | os.PathLike, dataset_dir: str | os.PathLike | None, key: str
 ) -> tuple[list[tuple[str, Path]], dict[int, str] | None]:
@@ -451,7 +484,8 @@ def evaluate_folder(
     """Score a folder of predictions against a datalist or a folder of references (``medssl evaluate``).
 
     Args:
-        pred: folder of ``<name>_seg.nii.gz`` predictions.
+        pred: folder of predictions named ``<name>_seg.nii.gz`` (medssl's) or ``<name>.nii.gz`` (nnU-Net's, the
+            reference's own name); the summary says which naming matched.
         ref: a Decathlon datalist JSON (cases under ``key``; ``<name>`` is the image file name without
             extension; its optional top-level ``labels`` map names the classes) or a folder of reference label
             maps ``<name>.nii.gz`` (any ITK-readable format).
@@ -469,7 +503,8 @@ def evaluate_folder(
         ValueError: an unknown convention.
         DataError: unreadable inputs, a prediction whose size / spacing / origin / direction differs from its
             reference (naming both files), label values outside the datalist's ``labels``, negative label values.
-        ErrorList: predictions missing (all of them listed). Nothing is written when anything fails.
+        ErrorList: predictions missing or present under both names (all of them listed). Nothing is written when
+            anything fails.
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
@@ -477,11 +512,9 @@ def evaluate_folder(
     if not pred_dir.is_dir():
         raise DataError(pred_dir, "prediction folder does not exist")
     cases, labels = _reference_cases(ref, dataset_dir, key)
-    missing = [(name, pred_dir / _prediction_name(name)) for name, _ in cases]
-    missing = [(name, path) for name, path in missing if not path.is_file()]
-    if missing:
-        raise ErrorList([DataError(path, f"prediction for case '{name}' is missing") for name, path in missing])
-    expected = {_prediction_name(name) for name, _ in cases}
+    matched, namings = _match_predictions(pred_dir, cases)
+    logger.info("predictions matched by %s naming", " and ".join(f"{k} ({NAMINGS[k]})" for k in namings))
+    expected = {p.name for p in matched.values()}
     extra = sorted(p.name for p in pred_dir.glob(f"*{PREDICTION_SUFFIX}") if p.name not in expected)
     if extra:
         logger.info("%d predictions in %s have no reference and are not scored: %s", len(extra), pred_dir, extra[:5])
@@ -489,7 +522,7 @@ def evaluate_folder(
     per_case: list[tuple[str, list[dict[str, Any]], float]] = []
     seen_labels: set[int] = set()
     for name, ref_path in cases:
-        pred_path = pred_dir / _prediction_name(name)
+        pred_path = matched[name]
         p, pg = _read_label(pred_path)
         r, rg = _read_label(ref_path)
         _check_geometry(pred_path, ref_path, pg, rg)
@@ -528,7 +561,9 @@ def evaluate_folder(
     header = (
         f"Predictions: `{pred_dir}`; references: `{ref}`"
         + (f" (key `{key}`)" if Path(ref).is_file() else "")
-        + f"; {len(cases)} cases; per-case rows: `{out.name}`."
+        + f"; {len(cases)} cases; per-case rows: `{out.name}`; predictions matched by "
+        + " and ".join(f"{k} naming (`{NAMINGS[k]}`)" for k in namings)
+        + "."
     )
     markdown = summarize(rows, header=header, convention=convention)
     # both or neither, through medssl.atomic: temporary files cleaned up, results readable under the umask

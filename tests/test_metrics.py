@@ -257,6 +257,26 @@ def test_missing_predictions_are_all_listed(dataset, tmp_path, capsys):
     assert len(err) == 2 and all(line.startswith("medssl: error: ") and "is missing" in line for line in err)
 
 
+def test_nnunet_named_predictions_score_the_same_and_the_summary_says_so(dataset, tmp_path):
+    medssl_out = tmp_path / "medssl.csv"
+    evaluate_folder(dataset["pred"], dataset["datalist"], medssl_out)
+    assert "medssl naming (`<name>_seg.nii.gz`)" in medssl_out.with_suffix(".md").read_text()
+    nnunet = tmp_path / "nnunet_pred"
+    nnunet.mkdir()
+    for f in dataset["pred"].iterdir():  # nnU-Net names a prediction exactly like its reference
+        (nnunet / f.name.replace("_seg.nii.gz", ".nii.gz")).write_bytes(f.read_bytes())
+    out = tmp_path / "nnunet.csv"
+    md = evaluate_folder(nnunet, dataset["datalist"], out)
+    assert "nnU-Net naming (`<name>.nii.gz`)" in md and "medssl naming" not in md
+    assert [r["dice"] for r in read_rows(out)] == [r["dice"] for r in read_rows(medssl_out)]
+    # one case under both names is ambiguous: refused, naming the case, nothing written
+    (nnunet / "case1_seg.nii.gz").write_bytes((nnunet / "case1.nii.gz").read_bytes())
+    with pytest.raises(ErrorList) as info:
+        evaluate_folder(nnunet, dataset["datalist"], tmp_path / "again.csv")
+    assert "case 'case1' has two predictions, case1_seg.nii.gz and case1.nii.gz" in str(info.value)
+    assert not (tmp_path / "again.csv").exists()
+
+
 def test_unknown_label_values_and_bad_datalist(dataset, tmp_path):
     pred, _ = small_case(0)
     pred[0, 0, 0] = 7

@@ -384,6 +384,7 @@ def make_teacher_student_evaluators(
     precision: str = "fp32",
     val_handlers: Mapping[str, Sequence] | None = None,
     metric_name: str = "val_mean_dice",
+    tutorial_metric: str | None = None,
     **kwargs: Any,
 ) -> dict[str, SupervisedEvaluator]:
     """One ``SupervisedEvaluator`` per network (e.g. ``{"student": net, "teacher": trainer.teacher}``).
@@ -401,6 +402,9 @@ def make_teacher_student_evaluators(
         precision: as the trainer (MONAI evaluators autocast on CUDA only).
         val_handlers: name → handlers for that evaluator (e.g. a ``CheckpointSaver`` per network).
         metric_name: key metric name.
+        tutorial_metric: when given, also this metric (reported, never selecting): MONAI ``MeanDice(
+            include_background=True, reduction="mean")``, the MONAI BTCV UNETR tutorial's include-background mean
+            (e.g. ``"val_mean_dice_tutorial"``, as ``btcv_unetr.yaml`` logs it).
         kwargs: passed to every ``SupervisedEvaluator``.
     """
     from monai.handlers import MeanDice, from_engine
@@ -417,6 +421,11 @@ def make_teacher_student_evaluators(
             ]
         )
         metric = MeanDice(include_background=include_background, output_transform=from_engine([Keys.PRED, Keys.LABEL]))
+        extra = {}
+        if tutorial_metric:
+            extra[tutorial_metric] = MeanDice(
+                include_background=True, reduction="mean", output_transform=from_engine([Keys.PRED, Keys.LABEL])
+            )
         evaluators[name] = SupervisedEvaluator(
             device=torch.device(device),
             val_data_loader=val_data_loader,
@@ -424,6 +433,7 @@ def make_teacher_student_evaluators(
             inferer=inferer,
             postprocessing=post,
             key_val_metric={metric_name: metric},
+            additional_metrics=extra or None,
             val_handlers=list((val_handlers or {}).get(name, [])),
             amp=cuda_amp(device, precision),
             amp_kwargs=cuda_amp_kwargs(precision, device),

@@ -56,8 +56,8 @@ class BestOfCheckpoint:
     that candidate is written with ``best = {metric, value, epoch, iteration, network: <name>}``. A validation
     run before training (``exec_at_start``) selects nothing, as in
     :class:`~medssl.engines.handlers.CheckpointHandler`. Ties go to the candidate named first. A run that ends
-    without any validation writes the first candidate's final weights with ``best.selected_by = "final"`` (logged);
-    a selected one has ``selected_by = "best"``.
+    without any validation writes final weights with ``best.selected_by = "final"`` (logged): those of ``final``
+    (default: the first candidate), or of ``final_network`` when given; a selected one has ``selected_by = "best"``.
 
     Args:
         path: checkpoint to write (atomically, ``medssl.checkpoint`` format).
@@ -69,9 +69,14 @@ class BestOfCheckpoint:
         mode: ``"max"`` (Dice) or ``"min"``.
         preprocessing, labels: as :class:`~medssl.engines.handlers.CheckpointHandler`.
         rank: only rank 0 writes.
+        final: the candidate whose weights a run without validation writes (default: the first).
+        final_network: a module to write instead of the ``final`` candidate when no validation ran: a candidate
+            that only validation refreshes (Mean Teacher's BatchNorm-recalibrated ``teacher_eval`` copy) would
+            otherwise hold the weights it was built with.
 
     Raises:
-        ValueError: different names in ``networks`` and ``evaluators``, or an unknown ``mode``.
+        ValueError: different names in ``networks`` and ``evaluators``, an unknown ``mode``, or a ``final`` that
+            is not a candidate.
 
     Example::
 
@@ -92,10 +97,16 @@ class BestOfCheckpoint:
         preprocessing: Mapping[str, Any] | None = None,
         labels: Mapping[Any, str] | None = None,
         rank: int = 0,
+        final: str | None = None,
+        final_network: torch.nn.Module | None = None,
     ) -> None:
         _check_names(networks, evaluators)
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if final is not None and final not in networks:
+            raise ValueError(f"final must name a candidate ({', '.join(networks)}), got {final!r}")
+        self.final = final if final is not None else next(iter(networks))
+        self.final_network = final_network
         self.path = Path(path)
         self.networks = dict(networks)
         self.evaluators = dict(evaluators)
@@ -124,7 +135,7 @@ class BestOfCheckpoint:
             return
         # no validation selected a candidate (val_interval beyond the budget): a successful run still leaves a
         # loadable model, the first candidate's final weights, and says so
-        name = next(iter(self.networks))
+        name = self.final
         logger.warning(
             f"no validation selected a model in this run (is val_interval larger than the budget?): {self.path} "
             f"holds the final weights of the {name} (selected_by: final)"
@@ -137,7 +148,7 @@ class BestOfCheckpoint:
             "network": name,
             "selected_by": "final",
         }
-        self._save(engine, name)
+        self._save(engine, name, self.final_network)
 
     def _on_started(self, engine) -> None:
         from ignite.engine import Events
@@ -180,12 +191,12 @@ class BestOfCheckpoint:
         self._save(engine, name)
         logger.info(f"{self.path.name}: {name} {self.key_metric} {value:.4f} (iteration {engine.state.iteration})")
 
-    def _save(self, engine, name: str) -> None:
+    def _save(self, engine, name: str, network: torch.nn.Module | None = None) -> None:
         if self.rank == 0:
             save_checkpoint(
                 self.path,
                 network=self.network_config,
-                state_dict=unwrap_model(self.networks[name]).state_dict(),
+                state_dict=unwrap_model(network if network is not None else self.networks[name]).state_dict(),
                 stage=self.stage,
                 preprocessing=self.preprocessing,
                 labels=self.labels,

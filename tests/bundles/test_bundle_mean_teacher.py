@@ -58,6 +58,7 @@ def test_tiny_run_writes_student_and_teacher_checkpoints(tiny_run):
         assert (tiny_run / name).is_file(), name
     rows = ValidationLog.read(tiny_run / "val_metrics.csv")
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
+    assert not any(k.startswith("val_mean_dice_tutorial") for k in rows[0])  # LA: the organ mean only
     student = [r["val_mean_dice/student"] for r in rows]
     teacher = [r["val_mean_dice/teacher"] for r in rows]
 
@@ -189,6 +190,13 @@ def test_btcv_unetr_switch_with_pretrained_vit(ct_phantom, tmp_path):
     last = load_checkpoint(out / "last.pt")
     assert last["progress"]["iteration"] == 4 and "teacher" in last
     assert not torch.equal(last["state_dict"]["vit.blocks.0.mlp.linear1.weight"], source["blocks.0.mlp.linear1.weight"])
+    # the MONAI tutorial's include-background Dice is logged beside ours for both networks (BTCV overlay only)
+    rows = ValidationLog.read(out / "val_metrics.csv")
+    for name in ("student", "teacher"):
+        tutorial = [float(r[f"val_mean_dice_tutorial/{name}"]) for r in rows]
+        organs = [float(r[f"val_mean_dice/{name}"]) for r in rows]
+        assert rows and all(0.0 <= t <= 1.0 for t in tutorial)
+        assert tutorial != organs  # background included: another number
 
 
 def test_full_recipe_defaults(tmp_path):

@@ -454,6 +454,33 @@ def test_best_of_checkpoint_without_validation_writes_first_candidate_final(tmp_
     assert any("selected_by: final" in r.message for r in caplog.records)
 
 
+@pytest.mark.parametrize("final, use_module", [("student", False), ("teacher", True)])
+def test_best_of_checkpoint_without_validation_writes_the_chosen_final_weights(tmp_path, final, use_module):
+    """Mean Teacher's teacher_eval is refreshed only at validation: without one, model.pt must not be its stale
+    copy but the live student (``final``) or the EMA teacher itself (``final_network``)."""
+    from medssl.engines.mt_handlers import BestOfCheckpoint
+
+    torch.manual_seed(0)
+    stale, student, live_teacher = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    evaluators = {"teacher": FakeEvaluator({}), "student": FakeEvaluator({})}
+    best = BestOfCheckpoint(
+        tmp_path / "model.pt", {"teacher": stale, "student": student}, evaluators, NET_CONFIG, "mean_teacher",
+        final=final, final_network=live_teacher if use_module else None,
+    )  # fmt: skip
+    engine = Engine(lambda e, x: 0.0)
+    best.attach(engine)
+    engine.run([0, 1], max_epochs=1)
+    ckpt = load_checkpoint(tmp_path / "model.pt")
+    assert ckpt["best"]["network"] == final and ckpt["best"]["selected_by"] == "final"
+    expected = live_teacher if use_module else student
+    for k, v in expected.state_dict().items():
+        assert torch.equal(ckpt["state_dict"][k], v), k
+    assert not torch.equal(ckpt["state_dict"]["weight"], stale.weight)
+    with pytest.raises(ValueError, match="final must name a candidate"):
+        BestOfCheckpoint(tmp_path / "x.pt", {"teacher": stale}, {"teacher": FakeEvaluator({})}, NET_CONFIG, "mt",
+                         final="student")  # fmt: skip
+
+
 def test_progress_bar_writes_plain_status_lines_when_not_on_a_terminal(capsys):
     from ignite.engine import Engine
 
