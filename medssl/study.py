@@ -72,6 +72,7 @@ __all__ = [
     "render_tutorial_table",
     "plot_results",
     "draw_results",
+    "error_bar_extent",
     "paired_gains",
     "render_gains",
     "run_study",
@@ -684,15 +685,20 @@ def draw_results(
     title: str | None = None,
     reference: Mapping[str, float] | None = None,
 ) -> None:
-    """Draw Dice against labeled count on a matplotlib ``ax``: a line per method, error bars = sd over seeds."""
+    """Draw Dice against labeled count on a matplotlib ``ax``: a line per method, error bars = sd over seeds.
+
+    Error bars are clipped to the Dice range [0, 100] % (so asymmetric near its ends), and each method's markers sit
+    a little to the side of the labeled count (methods in order, centred on it) so that overlapping ones stay visible.
+    """
     import textwrap
 
-    for m in methods:
+    drawn = [m for m in methods if any((m, n) in agg for n in counts)]
+    for k, m in enumerate(drawn):
         xs = [n for n in counts if (m, n) in agg]
-        if not xs:
-            continue
-        stats = [_mean_sd(agg[(m, n)]) for n in xs]
-        ax.errorbar(xs, [100 * s[0] for s in stats], yerr=[100 * s[1] for s in stats], marker="o", capsize=3, label=m)
+        means, lower, upper = error_bar_extent([agg[(m, n)] for n in xs])
+        # side-by-side offsets in axis-independent units: a fraction of the count (the axis often spans 1..24)
+        shift = 0.04 * (k - (len(drawn) - 1) / 2)
+        ax.errorbar([n * (1 + shift) for n in xs], means, yerr=[lower, upper], marker="o", capsize=3, label=m)
     for k, (name, value) in enumerate((reference or {}).items()):
         ax.axhline(100 * float(value), color="0.4", linestyle=("--", ":", "-.")[k % 3], linewidth=1, label=name)
     ax.set_xlabel("labeled training volumes")
@@ -702,6 +708,17 @@ def draw_results(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(textwrap.fill(title or "label efficiency", 70), fontsize=8)
+
+
+def error_bar_extent(per_count: Sequence[Sequence[float]]) -> tuple[list[float], list[float], list[float]]:
+    """Means (%) and the lower / upper error-bar lengths (sd over seeds, %) clipped to the Dice range [0, 100]."""
+    means, lower, upper = [], [], []
+    for values in per_count:
+        mean, sd = (100 * v for v in _mean_sd(values))
+        means.append(mean)
+        lower.append(min(sd, mean))
+        upper.append(min(sd, 100.0 - mean))
+    return means, lower, upper
 
 
 def plot_results(

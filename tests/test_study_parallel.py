@@ -138,3 +138,23 @@ def test_ua_mt_is_refused_on_the_multi_organ_task(tmp_path):
     datalist.write_text(json.dumps(dl))
     with pytest.raises(Exception, match="ua_mt"):
         run_study(StudyConfig(datalist=str(datalist), out=str(tmp_path / "s"), methods=["ua_mt"], labeled=[1]))
+
+
+def test_error_bars_stay_inside_the_dice_range_and_methods_sit_side_by_side():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medssl.study import draw_results, error_bar_extent
+
+    means, lower, upper = error_bar_extent([[0.0, 0.1], [0.95, 1.0], [0.4, 0.6]])
+    assert means == pytest.approx([5.0, 97.5, 50.0])
+    assert lower == pytest.approx([5.0, 3.5355, 14.1421], abs=1e-3)  # clipped at 0 %
+    assert upper == pytest.approx([7.0711, 2.5, 14.1421], abs=1e-3)  # clipped at 100 %
+    fig, ax = plt.subplots()
+    agg = {("scratch", 2): [0.5, 0.6], ("mean_teacher", 2): [0.5, 0.6]}
+    draw_results(ax, agg, ["scratch", "mean_teacher"], [2])
+    xs = [line.get_xdata()[0] for line in ax.get_lines() if line.get_marker() == "o"]
+    plt.close(fig)
+    assert len(xs) == 2 and xs[0] < 2 < xs[1]  # same count, same Dice: the markers do not overlap
