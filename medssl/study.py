@@ -776,7 +776,7 @@ def write_results(
         table += "\n" + gains
     if CONTROL in methods:
         # what the unlabeled volumes' consistency term adds on Mean Teacher's own data and batches
-        with_unlabeled = [m for m in methods if m in ("mean_teacher", "pretrained_mean_teacher", "ua_mt")]
+        with_unlabeled = [m for m in methods if _STAGE[m] == "mean_teacher" and m != CONTROL]
         control = render_gains(paired_gains(rows, with_unlabeled, counts, baseline=CONTROL), baseline=CONTROL)
         if control:
             table += "\nWhat the consistency term on unlabeled volumes adds:\n\n" + control
