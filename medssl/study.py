@@ -94,9 +94,9 @@ METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
     CONTROL: {"consistency": 0.0},
 }
 BUNDLES = {
-    ("btcv", "finetune"): ("btcv_unetr.yaml",),
+    ("btcv", "finetune"): ("supervised.yaml", "btcv_unetr.yaml"),
     ("btcv", "mean_teacher"): ("mean_teacher.yaml", "mean_teacher_btcv.yaml"),
-    ("la", "finetune"): ("la_vnet.yaml",),
+    ("la", "finetune"): ("supervised.yaml", "la_vnet.yaml"),
     ("la", "mean_teacher"): ("mean_teacher.yaml",),
 }
 # one row per method × count × seed × case × class: the metric columns of medssl.metrics

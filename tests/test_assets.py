@@ -25,7 +25,9 @@ def test_asset_loads_strictly_into_the_demo_unetr():
     from medssl.networks.pretrained import load_pretrained_vit
 
     parser = ConfigParser()
-    parser.read_config([str(resources.bundles_dir() / f) for f in ("btcv_unetr.yaml", "cpu_study.yaml")])
+    parser.read_config(
+        [str(resources.bundles_dir() / f) for f in ("supervised.yaml", "btcv_unetr.yaml", "cpu_study.yaml")]
+    )
     parser["num_classes"] = 6
     net = parser.get_parsed_content("network_def")()
     before = {k: v.clone() for k, v in net.state_dict().items()}

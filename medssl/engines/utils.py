@@ -44,7 +44,6 @@ __all__ = [
     "PrepareBatchKeys",
     "pick_scalars",
     "network_config",
-    "load_weights",
     "resolve_dataset",
     "image_records",
     "FixedRandomDataset",
@@ -213,29 +212,6 @@ def network_config(network_def: Any) -> dict[str, Any]:
     raise ConfigError(
         "network_def", f"expected a '_mode_: callable' component or a dict, got {type(network_def).__name__}"
     )
-
-
-def load_weights(network: torch.nn.Module, checkpoint: str | os.PathLike | None) -> torch.nn.Module:
-    """Load a medssl checkpoint's ``state_dict`` into ``network`` strictly (``None``: leave it as it is).
-
-    This continues training of the same architecture (the ``pretrained_ckpt`` id of a bundle whose network is
-    the one that was saved); loading a ViT encoder into another network is ``medssl.networks.pretrained``'s job.
-
-    Raises:
-        CheckpointError: the file is not a medssl checkpoint or its tensors do not fit ``network``.
-    """
-    if checkpoint is None or checkpoint == "":
-        return network
-    from medssl.checkpoint import load_checkpoint
-    from medssl.errors import CheckpointError
-
-    ckpt = load_checkpoint(checkpoint)
-    try:
-        network.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(checkpoint, f"does not fit the network ({str(e).splitlines()[0][:200]})") from e
-    logger.info(f"loaded {len(ckpt['state_dict'])} tensors from {checkpoint}")
-    return network
 
 
 def resolve_dataset(

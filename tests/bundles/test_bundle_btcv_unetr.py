@@ -16,7 +16,7 @@ from tests.bundles.bundle_helpers import overrides as bundle_overrides
 from tests.bundles.bundle_helpers import tensorboard_scalars
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = [str(REPO / "bundles" / "btcv_unetr.yaml"), str(REPO / "bundles" / "tiny.yaml")]
+CONFIGS = [str(REPO / "bundles" / f) for f in ("supervised.yaml", "btcv_unetr.yaml", "tiny.yaml")]
 ORGANS = [name for k, name in sorted(BTCV_LABELS.items()) if k > 0]
 
 
@@ -103,7 +103,7 @@ def test_full_recipe_defaults(tmp_path):
     from monai.bundle import ConfigParser
 
     p = ConfigParser()
-    p.read_config(CONFIGS[0])
+    p.read_config(CONFIGS[:2])
     expect = {
         "roi_size": [96, 96, 96],
         "spacing": [1.5, 1.5, 2.0],

@@ -14,7 +14,7 @@ from medssl.checkpoint import load_checkpoint
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "bundles" / "tiny.yaml")
 SSL = [str(REPO / "bundles" / "ssl_pretrain.yaml"), TINY]
-FINETUNE = [str(REPO / "bundles" / "btcv_unetr.yaml"), TINY]
+FINETUNE = [str(REPO / "bundles" / "supervised.yaml"), str(REPO / "bundles" / "btcv_unetr.yaml"), TINY]
 ENCODER = re.compile(r"^(patch_embedding|blocks|norm)\.")
 
 

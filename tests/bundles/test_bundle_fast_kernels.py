@@ -17,7 +17,7 @@ from medssl.networks.patch_conv import PatchConv, PatchConvTranspose, is_patchwi
 
 BUNDLES = {
     "ssl_pretrain": ["bundles/ssl_pretrain.yaml"],
-    "btcv_unetr": ["bundles/btcv_unetr.yaml"],
+    "btcv_unetr": ["bundles/supervised.yaml", "bundles/btcv_unetr.yaml"],
     "mean_teacher_btcv": ["bundles/mean_teacher.yaml", "bundles/mean_teacher_btcv.yaml"],
     "s5cl_segmentation": ["bundles/s5cl.yaml"],
 }

@@ -13,7 +13,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-BASES = {"la_vnet": str(REPO / "bundles" / "la_vnet.yaml"), "mean_teacher": str(REPO / "bundles" / "mean_teacher.yaml")}
+BASES = {
+    "la_vnet": [str(REPO / "bundles" / f) for f in ("supervised.yaml", "la_vnet.yaml")],
+    "mean_teacher": [str(REPO / "bundles" / "mean_teacher.yaml")],
+}
 OVERLAY = str(REPO / "bundles" / "la_uamt_protocol.yaml")
 SMOOTH = 1e-5
 
@@ -23,7 +26,7 @@ def _loss(base: str, dice_squared=None, overlay: bool = False):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([BASES[base], OVERLAY] if overlay else BASES[base])
+    parser.read_config([*BASES[base], OVERLAY] if overlay else BASES[base])
     if dice_squared is not None:
         parser["dice_squared"] = dice_squared
     return parser.get_parsed_content("loss")

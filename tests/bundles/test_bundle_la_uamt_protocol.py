@@ -17,14 +17,17 @@ from tests.bundles.bundle_helpers import overrides
 REPO = Path(__file__).resolve().parents[2]
 OVERLAY = str(REPO / "bundles" / "la_uamt_protocol.yaml")
 TINY = str(REPO / "bundles" / "tiny.yaml")
-BASES = {"mean_teacher": str(REPO / "bundles" / "mean_teacher.yaml"), "la_vnet": str(REPO / "bundles" / "la_vnet.yaml")}
+BASES = {
+    "mean_teacher": [str(REPO / "bundles" / "mean_teacher.yaml")],
+    "la_vnet": [str(REPO / "bundles" / f) for f in ("supervised.yaml", "la_vnet.yaml")],
+}
 
 
 def _parser(base: str, data: Path, out: Path):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([BASES[base], OVERLAY])
+    parser.read_config([*BASES[base], OVERLAY])
     for key, value in overrides(data, out, num_workers=0, cache_rate=0.0).items():
         parser[key] = value
     return parser
@@ -87,7 +90,7 @@ def test_tiny_mean_teacher_run_keeps_the_final_student(la_phantom, tmp_path):
     from monai.bundle import run
 
     out = tmp_path / "out"
-    run("training", config_file=[BASES["mean_teacher"], TINY, OVERLAY], **overrides(Path(la_phantom).parent, out))
+    run("training", config_file=[*BASES["mean_teacher"], TINY, OVERLAY], **overrides(Path(la_phantom).parent, out))
     rows = ValidationLog.read(out / "val_metrics.csv")
     assert [int(r["iteration"]) for r in rows] == [4], "one validation, at the last iteration"
     model, last = load_checkpoint(out / "model.pt"), load_checkpoint(out / "last.pt")

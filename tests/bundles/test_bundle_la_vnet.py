@@ -14,7 +14,7 @@ from tests.bundles.bundle_helpers import overrides as bundle_overrides
 from tests.bundles.bundle_helpers import tensorboard_scalars
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = [str(REPO / "bundles" / "la_vnet.yaml"), str(REPO / "bundles" / "tiny.yaml")]
+CONFIGS = [str(REPO / "bundles" / f) for f in ("supervised.yaml", "la_vnet.yaml", "tiny.yaml")]
 # the runs here test the bundle's mechanics (lr steps, Dice logging, resume); in bf16 with 2 threads the tiny V-Net
 # hit a NaN loss at iteration 2 in some runs on an AVX512-BF16 Zen 5 (never in fp32 or with 1 thread), so they pin
 # fp32 instead of the default auto (which picks bf16 there); the default itself is checked in test_full_recipe_defaults
@@ -129,7 +129,7 @@ def test_full_recipe_defaults(tmp_path):
     from monai.bundle import ConfigParser
 
     p = ConfigParser()
-    p.read_config(CONFIGS[0])
+    p.read_config(CONFIGS[:2])
     expect = {
         "roi_size": [112, 112, 80],
         "batch_size": 4,

@@ -249,8 +249,8 @@ def test_inspect_escapes_control_characters(tmp_path, capsys):
 
 BUNDLES = {
     "ssl_pretrain": (["ssl_pretrain.yaml"], {}),
-    "btcv_unetr": (["btcv_unetr.yaml"], {}),
-    "la_vnet": (["la_vnet.yaml"], {}),
+    "btcv_unetr": (["supervised.yaml", "btcv_unetr.yaml"], {}),
+    "la_vnet": (["supervised.yaml", "la_vnet.yaml"], {}),
     "mean_teacher": (["mean_teacher.yaml"], {}),
     "mean_teacher_btcv": (["mean_teacher.yaml", "mean_teacher_btcv.yaml"], {}),
     "s5cl_classification": (["s5cl.yaml"], {"mode": "classification"}),

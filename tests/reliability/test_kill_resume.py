@@ -74,14 +74,14 @@ CASES = {
         max_kills=4,
     ),
     "btcv_unetr": Case(
-        ("bundles/btcv_unetr.yaml", "bundles/tiny.yaml"),
+        ("bundles/supervised.yaml", "bundles/btcv_unetr.yaml", "bundles/tiny.yaml"),
         "ct_phantom",
         "SupervisedSegTrainer",
         5,
         {"max_iterations": "10", "val_interval": "2"},
     ),
     "la_vnet": Case(
-        ("bundles/la_vnet.yaml", "bundles/tiny.yaml"),
+        ("bundles/supervised.yaml", "bundles/la_vnet.yaml", "bundles/tiny.yaml"),
         "la_phantom",
         "SupervisedSegTrainer",
         5,

@@ -82,8 +82,8 @@ def test_nan_message_names_every_ssl_loss_part(stopped_run):
 
 TRAINING_BUNDLES = {
     "ssl_pretrain": ["ssl_pretrain.yaml"],
-    "btcv_unetr": ["btcv_unetr.yaml"],
-    "la_vnet": ["la_vnet.yaml"],
+    "btcv_unetr": ["supervised.yaml", "btcv_unetr.yaml"],
+    "la_vnet": ["supervised.yaml", "la_vnet.yaml"],
     "mean_teacher": ["mean_teacher.yaml"],
     "mean_teacher_btcv": ["mean_teacher.yaml", "mean_teacher_btcv.yaml"],
     "s5cl": ["s5cl.yaml"],
