@@ -311,6 +311,11 @@ def _organ_lut(labels: Mapping[int, str]) -> np.ndarray:
 
 
 def write_ct_dataset(tmp: Path, seed: int, cases: int, unlabeled: int, shape, organs=None) -> dict:
+    """Write ``imagesTr/``, ``labelsTr/`` and ``imagesUn/`` NIfTI cases into ``tmp``; returns the datalist dict.
+
+    Arguments as :func:`medssl.data.phantoms.generate_phantom_dataset` (already checked); ``organs`` keeps a
+    subset of the BTCV labels (:func:`organ_subset`).
+    """
     for sub in ("imagesTr", "labelsTr", "imagesUn"):
         (tmp / sub).mkdir()
     labels = organ_subset(organs)

@@ -167,6 +167,11 @@ def la_case_id(seed: int, case: int) -> str:
 
 
 def write_la_dataset(tmp: Path, seed: int, cases: int, unlabeled: int, shape, organs=None) -> dict:
+    """Write the LA 2018 raw layout (``raw/<CASEID>/lgemri.nrrd`` + ``laendo.nrrd``) into ``tmp`` and convert it
+    with :func:`medssl.data.prepare.prepare_la2018`; returns the datalist dict.
+
+    Arguments as :func:`medssl.data.phantoms.generate_phantom_dataset` (already checked; ``organs`` is unused).
+    """
     from medssl.data.prepare import prepare_la2018
 
     ids = [la_case_id(seed, i) for i in range(cases + unlabeled)]
