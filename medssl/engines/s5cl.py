@@ -53,6 +53,7 @@ from monai.utils import ensure_tuple_rep
 from torch import nn
 
 from medssl.data.patches import DEFAULT_ORGANS, token_majority_labels
+from medssl.data.records import image_records, labeled_records
 from medssl.engines.utils import autocast, backward_and_step, reject_reserved, resolve_device, uses_grad_scaler
 from medssl.errors import ConfigError, DataError
 from medssl.losses.supcon import SupConLoss
@@ -401,21 +402,6 @@ class TokenLabelBatch:
         return image, token_majority_labels(label, self.patch_size, self.num_classes)
 
 
-def _records(datalist, dataset_dir, keys: Sequence[str], need_label: bool) -> list[dict[str, Any]]:
-    from medssl.data.datalist import load_datalist
-
-    dl = load_datalist(datalist, dataset_dir=dataset_dir, keys=list(keys))
-    records = []
-    for key in keys:
-        for item in dl.items(key):
-            if need_label and "label" not in item:
-                raise DataError(dl.path, f"{key!r} item {item.get('image')} has no label")
-            records.append({k: str(item[k]) for k in (("image", "label") if need_label else ("image",))})
-    if not records:
-        raise DataError(dl.path, f"no items under {list(keys)}")
-    return records
-
-
 def s5cl_data(
     mode: str,
     datalist: str,
@@ -540,9 +526,9 @@ def s5cl_data(
         ]
     )
     return {
-        "labeled": _records(datalist, dataset_dir, labeled_keys, need_label=True),
-        "unlabeled": _records(datalist, dataset_dir, unlabeled_keys, need_label=False),
-        "validation": _records(datalist, dataset_dir, val_keys, need_label=True),
+        "labeled": labeled_records(datalist, labeled_keys, dataset_dir),
+        "unlabeled": image_records(datalist, unlabeled_keys, dataset_dir),
+        "validation": labeled_records(datalist, val_keys, dataset_dir),
         "labeled_transform": labeled,
         "unlabeled_transform": unlabeled,
         "validation_transform": validation,

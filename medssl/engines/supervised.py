@@ -7,15 +7,11 @@ so bf16 runs on CPU and CUDA alike; the loss sees fp32 logits. The same wrapper 
 
 Recipes count iterations, not epochs (UNETR on BTCV: 30000; UA-MT on LA: 6000): :class:`SupervisedSegTrainer`
 takes ``max_iterations`` and stops there, mid-epoch if need be.
-
-Also here: the records and class names a segmentation bundle reads from its datalist.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -25,11 +21,8 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 
 from medssl.engines.utils import autocast, cuda_amp_kwargs, reject_reserved, resolve_device, uses_grad_scaler
-from medssl.errors import ConfigError, DataError
 
-__all__ = ["AutocastInferer", "SupervisedSegTrainer", "labeled_records", "class_names"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["AutocastInferer", "SupervisedSegTrainer"]
 
 
 class AutocastInferer:
@@ -156,48 +149,3 @@ class SupervisedSegTrainer(SupervisedTrainer):
                 if torch.is_tensor(item.get(key)):
                     item[key] = item[key].detach()
             item["lr"] = lr
-
-
-def labeled_records(
-    datalist: str | os.PathLike, key: str, dataset_dir: str | os.PathLike | None = None
-) -> list[dict[str, str]]:
-    """``[{"image": path, "label": path}, ...]`` (absolute paths) of one datalist key; every item needs a label.
-
-    Raises:
-        DataError: the key is missing, empty, or has items without a ``label`` (or files are missing).
-    """
-    from medssl.data.datalist import load_datalist
-
-    loaded = load_datalist(datalist, dataset_dir=dataset_dir, keys=[key])
-    items = loaded.items(key)
-    if not items:
-        raise DataError(datalist, f"the {key!r} key holds no cases")
-    unlabeled = [str(item.get("image")) for item in items if not item.get("label")]
-    if unlabeled:
-        raise DataError(datalist, f"{len(unlabeled)} {key!r} item(s) have no label, e.g. {unlabeled[0]}")
-    return [{"image": str(item["image"]), "label": str(item["label"])} for item in items]
-
-
-def class_names(
-    datalist: str | os.PathLike, num_classes: int, dataset_dir: str | os.PathLike | None = None
-) -> dict[int, str]:
-    """Label index → name for ``0 .. num_classes - 1`` from the datalist's ``labels``.
-
-    A datalist without ``labels`` gets ``{0: "background", 1: "class_1", ...}`` (logged).
-
-    Raises:
-        ConfigError: the datalist declares labels whose indices are not exactly ``0 .. num_classes - 1`` (set the
-            bundle's ``num_classes`` to match the data).
-    """
-    from medssl.data.datalist import load_datalist
-
-    declared = load_datalist(datalist, dataset_dir=dataset_dir, check_files=False).labels
-    if not declared:
-        logger.info(f"{datalist} declares no labels: naming {num_classes} classes by index")
-        return {0: "background", **{i: f"class_{i}" for i in range(1, int(num_classes))}}
-    indices = sorted(int(k) for k in declared)
-    if indices != list(range(int(num_classes))):
-        raise ConfigError(
-            "num_classes", f"is {num_classes} but {datalist} declares labels {indices}; set num_classes to match"
-        )
-    return {int(k): str(v) for k, v in sorted(declared.items(), key=lambda kv: int(kv[0]))}

@@ -1,4 +1,4 @@
-"""Small pieces every medssl training bundle shares: device and precision, seeding, batches, data records.
+"""Small pieces every medssl training bundle shares: device and precision, seeding, batches.
 
 MONAI's engines only autocast on CUDA (``amp=True`` → ``torch.autocast("cuda")`` + ``GradScaler``). medssl adds
 a ``precision`` id so the same bundle runs everywhere; ``auto`` (the default) becomes one of the other three
@@ -45,7 +45,6 @@ __all__ = [
     "pick_scalars",
     "network_config",
     "resolve_dataset",
-    "image_records",
     "FixedRandomDataset",
 ]
 
@@ -243,45 +242,6 @@ def resolve_dataset(
     if generated.resolve() != datalist.resolve() and not datalist.is_file():
         raise DataError(datalist, f"the phantom datalist was written to {generated}, not here")
     return datalist.resolve()
-
-
-def _load_datalist(datalist: Path, dataset_dir: Path, keys: Sequence[str]) -> dict[str, list[dict]]:
-    """The one place that reads datalists: absolute-path records of the requested keys that are present."""
-    from medssl.data.datalist import load_datalist
-
-    present = [k for k in keys if k in load_datalist(datalist, dataset_dir=dataset_dir, check_files=False).keys()]
-    if not present:
-        return {}
-    loaded = load_datalist(datalist, dataset_dir=dataset_dir, keys=present)  # checks that the files exist
-    return {key: loaded.items(key) for key in present}
-
-
-def image_records(
-    datalist: str | os.PathLike,
-    keys: Sequence[str] | str,
-    dataset_dir: str | os.PathLike | None = None,
-    image_key: str = "image",
-) -> list[dict[str, str]]:
-    """``[{"image": absolute_path}, ...]`` from the datalist keys that exist (labels dropped: SSL uses images).
-
-    A key the datalist lacks is skipped with a log line (TCIA's split has no ``unlabeled`` key); no key at all
-    is an error.
-
-    Raises:
-        DataError: none of ``keys`` is in the datalist, or they hold no images (missing files: see
-            :func:`medssl.data.datalist.load_datalist`).
-    """
-    datalist = Path(datalist)
-    base = Path(dataset_dir) if dataset_dir is not None else datalist.parent
-    keys = [keys] if isinstance(keys, str) else list(keys)
-    per_key = _load_datalist(datalist, base, keys)
-    absent = [k for k in keys if k not in per_key]
-    if absent and per_key:
-        logger.info(f"{datalist}: no {absent} key(s); using {list(per_key)}")
-    records = [{image_key: str(item[image_key])} for items in per_key.values() for item in items]
-    if not records:
-        raise DataError(datalist, f"no images under keys {keys}")
-    return records
 
 
 class FixedRandomDataset(torch.utils.data.Dataset):

@@ -141,31 +141,6 @@ def test_full_recipe_defaults(tmp_path):
     assert sum(t.numel() for t in net.parameters()) > 90e6  # UNETR-B
 
 
-def test_labels_and_num_classes_must_agree(tiny_ct):
-    from medssl.engines.supervised import class_names
-    from medssl.errors import ConfigError
-
-    assert class_names(tiny_ct / "datalist.json", 14) == BTCV_LABELS
-    with pytest.raises(ConfigError, match="num_classes"):
-        class_names(tiny_ct / "datalist.json", 2)
-
-
-def test_items_without_labels_are_an_error(tmp_path, tiny_ct):
-    import json
-
-    from medssl.engines.supervised import labeled_records
-    from medssl.errors import DataError
-
-    data = json.loads((tiny_ct / "datalist.json").read_text())
-    data["training"] = data["unlabeled"]
-    bad = tmp_path / "datalist.json"
-    bad.write_text(json.dumps(data))
-    with pytest.raises(DataError, match="no label"):
-        labeled_records(bad, "training", tiny_ct)
-    records = labeled_records(tiny_ct / "datalist.json", "validation")
-    assert records and all(Path(r["image"]).is_file() and Path(r["label"]).is_file() for r in records)
-
-
 def test_logged_dice_matches_a_naive_recomputation(tiny_run, tiny_ct):
     """Re-run model.pt on the validation case and count voxels: the per-class Dice of its iteration."""
     import json

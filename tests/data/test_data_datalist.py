@@ -284,7 +284,7 @@ def test_validation_image_in_training_is_refused_as_leakage(tmp_path):
     with pytest.raises(MedsslError, match=leak):
         check_datalist(path)
     # a bundle that loads only one key still refuses the file
-    from medssl.engines.utils import image_records
+    from medssl.data.records import image_records
 
     with pytest.raises(MedsslError, match=leak):
         image_records(path, ["training"])

@@ -18,8 +18,15 @@ import SimpleITK as sitk
 from medssl.cli import main
 from medssl.data.datalist import load_datalist
 from medssl.data.io import read_image_info
-from medssl.data.la_protocols import UAMT_MARGIN_RANGES, check_protocol, uamt_crop_box, uamt_margins, uamt_zscore
-from medssl.data.prepare import PROTOCOL_MARKER, prepare_la2018
+from medssl.data.prepare import prepare_la2018
+from medssl.data.prepare.la2018 import PROTOCOL_MARKER
+from medssl.data.prepare.la_protocols import (
+    UAMT_MARGIN_RANGES,
+    check_protocol,
+    uamt_crop_box,
+    uamt_margins,
+    uamt_zscore,
+)
 from medssl.errors import ConfigError, ErrorList
 
 PAD_XY = 70
