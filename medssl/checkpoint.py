@@ -90,9 +90,13 @@ def _monai_networks() -> dict[str, tuple[str, str]]:
 NETWORKS: dict[str, tuple[str, str]] = {
     "medssl.networks.unetr.UNETR": ("medssl.networks.unetr", "UNETR"),
     "medssl.networks.vnet.VNet": ("medssl.networks.vnet", "VNet"),
-    "medssl.engines.s5cl.s5cl_network": ("medssl.engines.s5cl", "s5cl_network"),
-    "medssl.engines.s5cl.S5CLClassifier": ("medssl.engines.s5cl", "S5CLClassifier"),
-    "medssl.engines.s5cl.S5CLTokenNet": ("medssl.engines.s5cl", "S5CLTokenNet"),
+    "medssl.networks.s5cl.s5cl_network": ("medssl.networks.s5cl", "s5cl_network"),
+    "medssl.networks.s5cl.S5CLClassifier": ("medssl.networks.s5cl", "S5CLClassifier"),
+    "medssl.networks.s5cl.S5CLTokenNet": ("medssl.networks.s5cl", "S5CLTokenNet"),
+    # where the S5CL networks lived before issue 19: checkpoints written then name these
+    "medssl.engines.s5cl.s5cl_network": ("medssl.networks.s5cl", "s5cl_network"),
+    "medssl.engines.s5cl.S5CLClassifier": ("medssl.networks.s5cl", "S5CLClassifier"),
+    "medssl.engines.s5cl.S5CLTokenNet": ("medssl.networks.s5cl", "S5CLTokenNet"),
     **_monai_networks(),
 }
 

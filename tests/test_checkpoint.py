@@ -118,3 +118,28 @@ def test_foreign_dict_is_not_a_medssl_checkpoint(tmp_path):
 def test_network_target_outside_the_allow_list_is_refused():
     with pytest.raises(CheckpointError, match="refused network config: '_target_' 'os.system' is not an allowed"):
         build_network({"network": {"_target_": "os.system", "command": "true"}}, load_weights=False)
+
+
+@pytest.mark.parametrize(
+    "old_target, mode, cls",
+    [
+        ("medssl.engines.s5cl.s5cl_network", {"mode": "segmentation"}, "S5CLTokenNet"),
+        ("medssl.engines.s5cl.S5CLTokenNet", {}, "S5CLTokenNet"),
+        ("medssl.engines.s5cl.S5CLClassifier", {"encoder": "vit"}, "S5CLClassifier"),
+    ],
+)
+def test_s5cl_checkpoint_naming_the_old_engines_module_rebuilds(old_target, mode, cls, tmp_path):
+    """S5CL checkpoints written before the networks moved to medssl.networks.s5cl name medssl.engines.s5cl: they
+    rebuild the network from its new home, with their weights and outputs."""
+    import medssl.networks.s5cl as s5cl
+
+    sizes = {"num_classes": 3, "in_channels": 1, "img_size": 8, "patch_size": 4, "hidden_size": 16, "mlp_dim": 32}
+    config = {"_target_": old_target, **mode, **sizes, "num_layers": 1, "num_heads": 2, "proj_dim": 8}
+    torch.manual_seed(0)
+    net = getattr(s5cl, cls)(**{k: v for k, v in config.items() if k not in ("_target_", "mode")}).eval()
+    path = save_checkpoint(tmp_path / "model.pt", network=config, state_dict=net.state_dict(), stage="s5cl")
+    rebuilt = build_network(load_checkpoint(path), where=path).eval()
+    assert type(rebuilt) is getattr(s5cl, cls)
+    x = torch.rand(2, 1, 8, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), net(x))

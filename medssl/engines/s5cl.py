@@ -20,15 +20,19 @@ reference.
 ``τ_u > τ_l`` is the method's hierarchy (labeled classes are pulled together harder than instances):
 :func:`check_temperatures` rejects anything else.
 
-Two modes share :class:`S5CLTrainer`:
+Two modes share :class:`S5CLTrainer` (the networks are :mod:`medssl.networks.s5cl`'s):
 
-- ``classification``: :class:`S5CLClassifier` (MONAI 3D ResNet-10 or ViT encoder, pooled) on patches, e.g. the
-  organ-patch task of :mod:`medssl.data.patches`;
-- ``segmentation``: :class:`S5CLTokenNet`, a UNETR-compatible MONAI ``ViT`` (stored as ``vit``) whose tokens are
-  the samples: labeled tokens carry the majority label of their patch
+- ``classification``: :class:`~medssl.networks.s5cl.S5CLClassifier` (MONAI 3D ResNet-10 or ViT encoder, pooled) on
+  patches, e.g. the organ-patch task of :mod:`medssl.data.patches`;
+- ``segmentation``: :class:`~medssl.networks.s5cl.S5CLTokenNet`, UNETR's ViT encoder (stored as ``vit``) whose
+  tokens are the samples: labeled tokens carry the majority label of their patch
   (:func:`medssl.data.patches.token_majority_labels`), unlabeled tokens are instances (then pseudo-labeled).
   Its checkpoint loads into :class:`medssl.networks.unetr.UNETR` with
   :func:`medssl.networks.pretrained.load_pretrained_vit` (the heads are outside ``vit.`` and skipped).
+
+:func:`s5cl_optimizer` stays here, beside the trainer, rather than with the networks: which optimizer, which
+learning rate and how the groups step are the training recipe; the networks only name their modules
+(:meth:`~medssl.networks.s5cl.S5CLBase.module_groups`).
 
 Loaders: the trainer's ``train_data_loader`` is the **unlabeled** loader (an epoch is one pass over it, so the
 default ``pseudo_label_start`` is one epoch); the labeled loader is iterated cyclically inside the trainer (a new
@@ -57,16 +61,11 @@ from medssl.data.records import image_records, labeled_records
 from medssl.engines.utils import autocast, backward_and_step, reject_reserved, resolve_device, uses_grad_scaler
 from medssl.errors import ConfigError, DataError
 from medssl.losses.supcon import SupConLoss
+from medssl.networks.s5cl import MODES, S5CLBase
 
 __all__ = [
-    "MODES",
-    "CLASSIFIER_INPUTS",
     "OPTIMIZER_LEARNING_RATES",
     "check_temperatures",
-    "ProjectionHead",
-    "S5CLClassifier",
-    "S5CLTokenNet",
-    "s5cl_network",
     "s5cl_optimizer",
     "TokenLabelBatch",
     "s5cl_data",
@@ -75,9 +74,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MODES = ("classification", "segmentation")
-# what the classifier reads: the projection (the reference code's layout) or the encoder features
-CLASSIFIER_INPUTS = ("projection", "encoder")
 # the recipe learning rate of each optimizer: Adamax as the reference notebook, AdamW as medssl before
 OPTIMIZER_LEARNING_RATES = {"adamax": 1.0e-4, "adamw": 1.0e-3}
 
@@ -107,236 +103,6 @@ def check_temperatures(temperature_labeled: float, temperature_unlabeled: float)
         )
 
 
-class ProjectionHead(nn.Sequential):
-    """``Linear → ReLU → Linear``, applied to the last dimension (the SimCLR / SupCon projection head)."""
-
-    def __init__(self, in_features: int, out_features: int = 128, hidden_features: int | None = None) -> None:
-        hidden = int(hidden_features or in_features)
-        super().__init__(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_features))
-
-
-class _ClassifierAndProjection(nn.Module):
-    """The classifier and projection head both S5CL networks put on their encoder features."""
-
-    encoder_attribute = "encoder"  # the attribute holding the encoder
-
-    def _build_heads(self, in_features: int, num_classes: int, proj_dim: int, classifier_on: str) -> None:
-        if classifier_on not in CLASSIFIER_INPUTS:
-            raise ConfigError(
-                "classifier_on",
-                f"unknown classifier input {classifier_on!r} (use one of {', '.join(CLASSIFIER_INPUTS)})",
-            )
-        self.classifier_on = classifier_on
-        # classifier before head: the encoder layout draws its initial weights in the order it always did
-        self.classifier = nn.Linear(proj_dim if classifier_on == "projection" else in_features, num_classes)
-        self.head = ProjectionHead(in_features, proj_dim)
-
-    def _project_and_classify(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(..., in_features)`` → projections ``(..., proj_dim)`` and logits ``(..., num_classes)``."""
-        projection = self.head(features)
-        return projection, self.classifier(projection if self.classifier_on == "projection" else features)
-
-    def module_groups(self) -> dict[str, nn.Module]:
-        """The modules the optimizer steps as separate groups: ``encoder``, ``projection`` head, ``classifier``."""
-        return {
-            "encoder": getattr(self, self.encoder_attribute),
-            "projection": self.head,
-            "classifier": self.classifier,
-        }
-
-
-class S5CLClassifier(_ClassifierAndProjection):
-    """A 3D encoder with a projection head on its pooled features and a classifier on the projection (or on the
-    features).
-
-    ``forward(x)`` gives the class logits ``(B, num_classes)`` (so MONAI evaluators use it as is);
-    ``forward(x, return_embedding=True)`` also gives the projections ``(B, proj_dim)`` the contrastive losses see.
-
-    Args:
-        num_classes: classes.
-        img_size: input size (int or 3 ints); needed by the ViT encoder.
-        in_channels: input channels.
-        encoder: ``"resnet10"`` (MONAI ``resnet10``, global average pooled) or ``"vit"`` (MONAI ``ViT``, mean of
-            the tokens).
-        widen_factor: ResNet width multiplier (1.0 = 512 features).
-        conv1_size, conv1_stride: the ResNet stem convolution (MONAI's defaults 7 and 1; 3 and 2 are 3-4x
-            cheaper on small patches).
-        patch_size, hidden_size, mlp_dim, num_layers, num_heads: ViT sizes.
-        proj_dim: projection size.
-        classifier_on: ``"projection"`` (the classifier reads the projections, as in the reference code; the
-            bundle's default) or ``"encoder"`` (it reads the pooled features; the class default, so that a
-            checkpoint config written before the option existed rebuilds the network it was trained as).
-
-    Raises:
-        ValueError: fewer than 2 classes or an unknown encoder.
-        ConfigError: an unknown ``classifier_on``.
-    """
-
-    def __init__(
-        self,
-        num_classes: int,
-        img_size: Sequence[int] | int = 32,
-        in_channels: int = 1,
-        encoder: str = "resnet10",
-        widen_factor: float = 1.0,
-        conv1_size: int = 7,
-        conv1_stride: int = 1,
-        patch_size: int = 8,
-        hidden_size: int = 768,
-        mlp_dim: int = 3072,
-        num_layers: int = 12,
-        num_heads: int = 12,
-        proj_dim: int = 128,
-        classifier_on: str = "encoder",
-    ) -> None:
-        super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        self.encoder_name = encoder
-        if encoder == "resnet10":
-            from monai.networks.nets import resnet10
-
-            self.encoder = resnet10(
-                spatial_dims=3,
-                n_input_channels=in_channels,
-                feed_forward=False,
-                widen_factor=widen_factor,
-                conv1_t_size=conv1_size,
-                conv1_t_stride=conv1_stride,
-            )
-            features = int(512 * widen_factor)
-        elif encoder == "vit":
-            from monai.networks.nets import ViT
-
-            self.encoder = ViT(
-                in_channels=in_channels,
-                img_size=ensure_tuple_rep(img_size, 3),
-                patch_size=ensure_tuple_rep(patch_size, 3),
-                hidden_size=hidden_size,
-                mlp_dim=mlp_dim,
-                num_layers=num_layers,
-                num_heads=num_heads,
-                classification=False,
-            )
-            features = hidden_size
-        else:
-            raise ValueError(f"encoder must be 'resnet10' or 'vit', got {encoder!r}")
-        self.num_features = features
-        self._build_heads(features, num_classes, proj_dim, classifier_on)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W, D)`` → pooled features ``(B, num_features)``."""
-        if self.encoder_name == "vit":
-            tokens, _ = self.encoder(x)
-            return tokens.mean(dim=1)
-        return self.encoder(x)
-
-    def forward(self, x: torch.Tensor, return_embedding: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Logits ``(B, num_classes)``; with ``return_embedding`` ``{"projection": (B, proj_dim), "logits"}``.
-
-        The embedding is a ``forward`` option rather than a method so that DDP wrappers see the call.
-        """
-        projection, logits = self._project_and_classify(self.features(x))
-        if return_embedding:
-            return {"projection": projection, "logits": logits}
-        return logits
-
-
-class S5CLTokenNet(_ClassifierAndProjection):
-    """A UNETR-compatible ViT encoder (``self.vit``) with a per-token projection head and classifier (on the
-    projection, or on the tokens).
-
-    The ViT is built exactly as :class:`medssl.networks.unetr.UNETR` builds it, so the ``vit.*`` tensors of a
-    checkpoint load into a UNETR of the same sizes. ``forward(x)`` gives token logits ``(B, num_classes, N)``
-    (``N`` tokens in MONAI order, see :func:`~medssl.data.patches.token_majority_labels`).
-
-    Args:
-        in_channels, img_size, patch_size, hidden_size, mlp_dim, num_layers, num_heads, proj_type, dropout_rate,
-            qkv_bias: as in :class:`~medssl.networks.unetr.UNETR`.
-        num_classes: label classes (background included).
-        proj_dim: projection size.
-        classifier_on: ``"projection"`` (the classifier reads each token's projection, as in the reference code;
-            the bundle's default) or ``"encoder"`` (it reads the ViT tokens; the class default, so that a checkpoint
-            config written before the option existed rebuilds the network it was trained as).
-
-    Raises:
-        ValueError: ``img_size`` not divisible by ``patch_size``.
-        ConfigError: an unknown ``classifier_on``.
-    """
-
-    encoder_attribute = "vit"
-
-    def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        img_size: Sequence[int] | int,
-        patch_size: Sequence[int] | int = 16,
-        hidden_size: int = 768,
-        mlp_dim: int = 3072,
-        num_layers: int = 12,
-        num_heads: int = 12,
-        proj_type: str = "conv",
-        dropout_rate: float = 0.0,
-        qkv_bias: bool = False,
-        proj_dim: int = 128,
-        classifier_on: str = "encoder",
-    ) -> None:
-        super().__init__()
-        from monai.networks.nets import ViT
-
-        self.img_size = tuple(int(s) for s in ensure_tuple_rep(img_size, 3))
-        self.patch_size = tuple(int(p) for p in ensure_tuple_rep(patch_size, 3))
-        bad = [s for s, p in zip(self.img_size, self.patch_size) if s % p]
-        if bad:
-            raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
-        self.feat_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
-        self.num_classes = int(num_classes)
-        self.vit = ViT(
-            in_channels=in_channels,
-            img_size=self.img_size,
-            patch_size=self.patch_size,
-            hidden_size=hidden_size,
-            mlp_dim=mlp_dim,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            proj_type=proj_type,
-            classification=False,
-            dropout_rate=dropout_rate,
-            spatial_dims=3,
-            qkv_bias=qkv_bias,
-        )
-        self._build_heads(hidden_size, num_classes, proj_dim, classifier_on)
-
-    def forward(self, x: torch.Tensor, return_embedding: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Token logits ``(B, num_classes, N)``; with ``return_embedding`` ``{"projection": (B, N, proj_dim),
-        "logits"}``."""
-        tokens, _ = self.vit(x)
-        projection, logits = self._project_and_classify(tokens)
-        logits = logits.transpose(1, 2)
-        if return_embedding:
-            return {"projection": projection, "logits": logits}
-        return logits
-
-
-def s5cl_network(mode: str, **kwargs: Any) -> nn.Module:
-    """:class:`S5CLClassifier` (``mode="classification"``) or :class:`S5CLTokenNet` (``"segmentation"``).
-
-    The bundle's ``network_def`` (``_mode_: callable``) targets this function so that one config serves both modes;
-    arguments the chosen network does not take are dropped (e.g. ``encoder`` in segmentation mode).
-
-    Raises:
-        ConfigError: an unknown mode.
-    """
-    import inspect
-
-    if mode not in MODES:
-        raise ConfigError("mode", f"unknown mode {mode!r} (use one of {', '.join(MODES)})")
-    cls = S5CLClassifier if mode == "classification" else S5CLTokenNet
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    return cls(**{k: v for k, v in kwargs.items() if k in accepted})
-
-
 def s5cl_optimizer(
     network: nn.Module, optimizer: str = "adamax", lr: float | None = None, weight_decay: float = 1.0e-4
 ) -> torch.optim.Optimizer:
@@ -348,7 +114,8 @@ def s5cl_optimizer(
     module it holds, so a group's learning rate can be changed on its own.
 
     Args:
-        network: :class:`S5CLClassifier` or :class:`S5CLTokenNet` (or a DDP wrapper of one).
+        network: :class:`~medssl.networks.s5cl.S5CLClassifier` or :class:`~medssl.networks.s5cl.S5CLTokenNet` (or a
+            DDP wrapper of one).
         optimizer: ``"adamax"`` (the reference's) or ``"adamw"`` (fused; medssl's earlier choice).
         lr: every group's learning rate; ``None``: the optimizer's recipe rate in :data:`OPTIMIZER_LEARNING_RATES`
             (Adamax 1e-4, AdamW 1e-3).
@@ -363,7 +130,7 @@ def s5cl_optimizer(
             "optimizer", f"unknown optimizer {optimizer!r} (use one of {', '.join(OPTIMIZER_LEARNING_RATES)})"
         )
     net = getattr(network, "module", network)
-    if not isinstance(net, _ClassifierAndProjection):
+    if not isinstance(net, S5CLBase):
         raise ConfigError("network", f"s5cl_optimizer needs an S5CL network, got {type(net).__name__}")
     lr = OPTIMIZER_LEARNING_RATES[optimizer] if lr is None else float(lr)
     groups = [{"name": name, "params": list(module.parameters())} for name, module in net.module_groups().items()]
@@ -380,7 +147,8 @@ def s5cl_optimizer(
 
 
 class TokenLabelBatch:
-    """``prepare_batch`` for evaluators of :class:`S5CLTokenNet`: the image and its token majority labels.
+    """``prepare_batch`` for evaluators of :class:`~medssl.networks.s5cl.S5CLTokenNet`: the image and its token
+    majority labels.
 
     Args:
         patch_size: the ViT patch size.
@@ -548,7 +316,8 @@ class S5CLTrainer(SupervisedTrainer):
         labeled_data_loader: dicts with ``weak_key``, ``strong_key`` and ``label_key`` (classification: ``(B,)``
             class indices; segmentation: ``(B, 1, H, W, D)`` label maps aligned with both views). Iterated
             cyclically.
-        network: :class:`S5CLClassifier` or :class:`S5CLTokenNet` (``forward(x, return_embedding=True)`` gives
+        network: :class:`~medssl.networks.s5cl.S5CLClassifier` or :class:`~medssl.networks.s5cl.S5CLTokenNet`
+            (``forward(x, return_embedding=True)`` gives
             ``{"projection", "logits"}``).
         optimizer: the optimizer.
         mode: ``"classification"`` or ``"segmentation"``.

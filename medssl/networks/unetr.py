@@ -17,7 +17,8 @@ both as arguments and derives the decoder from them:
   function; for ``L = 4``: 2 / 3 / 4; for ``L = 12, n = 3`` (patch 8): 5 / 9. Shallow encoders share blocks
   between skips (``L = 2``: 1 / 2 / 2). ``skip_layers`` overrides the rule (the paper's ``z3, z6, z9``, which MONAI
   does not use, is ``skip_layers=(3, 6, 9)``).
-* **MONAI compatibility.** The encoder is a MONAI :class:`~monai.networks.nets.ViT` stored as ``self.vit``, so
+* **MONAI compatibility.** The encoder is :func:`medssl.networks.vit.vit_encoder`'s MONAI
+  :class:`~monai.networks.nets.ViT` (the one S5CL's networks build too), stored as ``self.vit``, so
   ViTAutoEnc keys ``patch_embedding.* / blocks.N.* / norm.*`` map to ``vit.*`` by name (see
   :func:`medssl.networks.pretrained.load_pretrained_vit`). Decoder modules carry MONAI's names
   (``encoder1 .. encoder{n}``, ``decoder2 .. decoder{n+1}``, ``out``), so a MONAI UNETR state dict loads
@@ -31,9 +32,10 @@ from collections.abc import Sequence
 
 import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
-from monai.networks.nets import ViT
 from monai.utils import ensure_tuple_rep
 from torch import nn
+
+from medssl.networks.vit import vit_encoder, vit_token_grid
 
 __all__ = ["UNETR", "skip_depths"]
 
@@ -114,20 +116,13 @@ class UNETR(nn.Module):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        if not 0.0 <= dropout_rate <= 1.0:
-            raise ValueError(f"dropout_rate must be in [0, 1], got {dropout_rate}")
-        if hidden_size % num_heads != 0:
-            raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
-        img_size = tuple(int(s) for s in ensure_tuple_rep(img_size, spatial_dims))
         patches = tuple(int(p) for p in ensure_tuple_rep(patch_size, spatial_dims))
         if len(set(patches)) != 1:
             raise ValueError(f"patch_size must be isotropic (the decoder upsamples by 2 per axis), got {patches}")
         patch = patches[0]
         if patch < 2 or patch & (patch - 1):
             raise ValueError(f"patch_size must be a power of two >= 2, got {patch}")
-        bad = [s for s in img_size if s % patch]
-        if bad:
-            raise ValueError(f"img_size {img_size} must be divisible by patch_size={patch} (not: {bad})")
+        img_size, patches, feat_size = vit_token_grid(img_size, patches, spatial_dims)
 
         num_stages = int(math.log2(patch))
         if skip_layers is None:
@@ -149,18 +144,17 @@ class UNETR(nn.Module):
         self.skip_layers = skips
         self.img_size = img_size
         self.patch_size = patches
-        self.feat_size = tuple(s // patch for s in img_size)
+        self.feat_size = feat_size
         self.hidden_size = hidden_size
-        self.vit = ViT(
-            in_channels=in_channels,
-            img_size=img_size,
-            patch_size=patches,
+        self.vit = vit_encoder(
+            in_channels,
+            img_size,
+            patches,
             hidden_size=hidden_size,
             mlp_dim=mlp_dim,
             num_layers=num_layers,
             num_heads=num_heads,
             proj_type=proj_type,
-            classification=False,
             dropout_rate=dropout_rate,
             spatial_dims=spatial_dims,
             qkv_bias=qkv_bias,

@@ -1,5 +1,5 @@
-"""S5CLTrainer: temperature hierarchy, pseudo-label switch step, token labels, learning, UNETR-loadable encoder;
-the classifier's place and the per-module optimizer."""
+"""S5CLTrainer: temperature hierarchy, pseudo-label switch step, token labels, learning; pseudo-labels from the
+classifier's input and the per-module optimizer (the networks: tests/networks/test_s5cl_networks.py)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,10 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Events
 
-from medssl.checkpoint import save_checkpoint
 from medssl.data.patches import token_majority_labels
-from medssl.engines.s5cl import (
-    S5CLClassifier,
-    S5CLTokenNet,
-    S5CLTrainer,
-    check_temperatures,
-    s5cl_network,
-    s5cl_optimizer,
-)
+from medssl.engines.s5cl import S5CLTrainer, check_temperatures, s5cl_optimizer
 from medssl.errors import ConfigError
+from medssl.networks.s5cl import S5CLClassifier, S5CLTokenNet, s5cl_network
 
 SIZE = 8
 
@@ -98,8 +91,6 @@ def test_bad_configuration():
         _trainer(_cls_net(), [], [], mode="segmentation")
     with pytest.raises(ConfigError, match="pseudo_label_start"):
         _trainer(_cls_net(), [], [], pseudo_label_start=-1)
-    with pytest.raises(ConfigError, match="unknown mode"):
-        s5cl_network("detection", num_classes=2)
 
 
 @pytest.mark.parametrize("start, expected", [(2, 3), (0, 1), (None, 4)])  # None: one epoch = 3 steps
@@ -205,96 +196,11 @@ def test_segmentation_token_subset():
     assert [f.shape for f, _, _ in spied] == [(2 * 3, 2, 128)]
 
 
-def test_token_net_checkpoint_loads_fully_into_unetr(tmp_path):
-    from medssl.networks.pretrained import load_pretrained_vit
-    from medssl.networks.unetr import UNETR
-
-    net = _token_net(seed=3)
-    config = {
-        "_target_": "medssl.engines.s5cl.s5cl_network",
-        "mode": "segmentation",
-        "in_channels": 1,
-        "num_classes": 3,
-        "img_size": [8, 8, 8],
-        "patch_size": 4,
-        "hidden_size": 16,
-        "mlp_dim": 32,
-        "num_layers": 2,
-        "num_heads": 2,
-    }
-    path = save_checkpoint(tmp_path / "model.pt", network=config, state_dict=net.state_dict(), stage="s5cl")
-    unetr = UNETR(1, 14, img_size=8, patch_size=4, hidden_size=16, mlp_dim=32, num_layers=2, num_heads=2)
-    report = load_pretrained_vit(unetr, path)
-    assert report.complete and not report.missing and len(report.loaded) == report.total
-    assert report.total == len(net.vit.state_dict())
-    for k, v in net.vit.state_dict().items():
-        assert torch.equal(unetr.vit.state_dict()[k], v), k
-
-
-@pytest.mark.parametrize("encoder", ["resnet10", "vit"])
-def test_classifier_outputs_for_both_encoders(encoder):
-    net = s5cl_network(
-        "classification",
-        num_classes=4,
-        img_size=8,
-        encoder=encoder,
-        widen_factor=0.125,
-        patch_size=4,
-        hidden_size=16,
-        mlp_dim=32,
-        num_layers=1,
-        num_heads=2,
-        proj_dim=8,
-        tokens_per_volume=5,  # not a network argument: dropped
-    )
-    assert isinstance(net, S5CLClassifier) and net.num_features == (64 if encoder == "resnet10" else 16)
-    x = torch.randn(3, 1, 8, 8, 8)
-    out = net(x, return_embedding=True)
-    assert net(x).shape == out["logits"].shape == (3, 4) and out["projection"].shape == (3, 8)
-    with pytest.raises(ValueError, match="encoder must be"):
-        S5CLClassifier(num_classes=4, encoder="densenet")
-
-
 def _tiny(mode: str, **kw):
     """A tiny S5CL network of either mode: 64 ResNet / 16 ViT features, 8-d projections, 3 classes."""
     torch.manual_seed(0)
     sizes = {"img_size": 8, "patch_size": 4, "hidden_size": 16, "mlp_dim": 32, "num_layers": 1, "num_heads": 2}
     return s5cl_network(mode, num_classes=3, in_channels=1, widen_factor=0.125, proj_dim=8, **sizes, **kw)
-
-
-@pytest.mark.parametrize("mode", ["classification", "segmentation"])
-def test_reference_layout_classifier_reads_the_projection(mode):
-    net = _tiny(mode, classifier_on="projection")
-    assert net.classifier_on == "projection" and net.classifier.in_features == 8
-    x = torch.randn(2, 1, 8, 8, 8)
-    out = net(x, return_embedding=True)
-    logits = net.classifier(out["projection"])
-    assert torch.allclose(out["logits"], logits if mode == "classification" else logits.transpose(1, 2))
-
-
-@pytest.mark.parametrize("mode, features", [("classification", 64), ("segmentation", 16)])
-def test_encoder_option_restores_the_earlier_layout(mode, features):
-    net = _tiny(mode, classifier_on="encoder").eval()
-    assert net.classifier.in_features == features and net.head[0].in_features == features
-    x = torch.randn(2, 1, 8, 8, 8)
-    with torch.no_grad():
-        encoded = net.features(x) if mode == "classification" else net.vit(x)[0]
-        logits = net.classifier(encoded)
-        assert torch.allclose(net(x), logits if mode == "classification" else logits.transpose(1, 2))
-    # the earlier layout's tensors: a checkpoint written before the option loads strictly
-    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.startswith(net.encoder_attribute)}
-    assert shapes == {
-        "classifier.weight": (3, features),
-        "classifier.bias": (3,),
-        "head.0.weight": (features, features),
-        "head.0.bias": (features,),
-        "head.2.weight": (8, features),
-        "head.2.bias": (8,),
-    }
-    with pytest.raises(ConfigError, match="classifier_on.*'features'"):
-        _tiny(mode, classifier_on="features")
-    # a network config without the option (every checkpoint written before it) rebuilds this layout
-    assert _tiny(mode).classifier_on == "encoder"
 
 
 @pytest.mark.parametrize("classifier_on", ["projection", "encoder"])

@@ -314,11 +314,11 @@ TINY = {
                                     "hidden_size": 16, "mlp_dim": 16, "num_layers": 4, "num_heads": 2,
                                     "feature_size": 4},
     "medssl.networks.vnet.VNet": {"in_channels": 1, "out_channels": 2, "base_filters": 2},
-    "medssl.engines.s5cl.S5CLClassifier": {"num_classes": 2, "widen_factor": 0.0625},
-    "medssl.engines.s5cl.S5CLTokenNet": {"num_classes": 2, "in_channels": 1, "img_size": 16, "patch_size": 8, "hidden_size": 16,
-                                         "mlp_dim": 16, "num_layers": 1, "num_heads": 2},
+    "medssl.networks.s5cl.S5CLClassifier": {"num_classes": 2, "widen_factor": 0.0625},
+    "medssl.networks.s5cl.S5CLTokenNet": {"num_classes": 2, "in_channels": 1, "img_size": 16, "patch_size": 8, "hidden_size": 16,
+                                          "mlp_dim": 16, "num_layers": 1, "num_heads": 2},
 }  # fmt: skip
-TINY["medssl.engines.s5cl.s5cl_network"] = {"mode": "segmentation", **TINY["medssl.engines.s5cl.S5CLTokenNet"]}
+TINY["medssl.networks.s5cl.s5cl_network"] = {"mode": "segmentation", **TINY["medssl.networks.s5cl.S5CLTokenNet"]}
 
 
 def test_allow_list_names_what_it_imports():

@@ -17,13 +17,14 @@ from monai.transforms import Compose, RandGaussianNoised
 
 from medssl.checkpoint import load_checkpoint
 from medssl.engines.handlers import CheckpointHandler
-from medssl.engines.s5cl import S5CLClassifier, S5CLTrainer
+from medssl.engines.s5cl import S5CLTrainer
+from medssl.networks.s5cl import S5CLClassifier
 
 SIZE = 8
 STEPS_PER_EPOCH = 4  # unlabeled: 8 items, batch 2
 LABELED_BATCHES = 3  # labeled: 6 items, batch 2, so epochs end mid labeled pass
 SWITCH_AT = 6  # pseudo_label_start=5
-NET_CONFIG = {"_target_": "medssl.engines.s5cl.S5CLClassifier", "num_classes": 3}
+NET_CONFIG = {"_target_": "medssl.networks.s5cl.S5CLClassifier", "num_classes": 3}
 
 
 def _items(n: int, seed: int, labeled: bool) -> list[dict]:
