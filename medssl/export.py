@@ -7,11 +7,11 @@ The TorchScript file runs without medssl or MONAI (``torch.jit.load``); the meta
 traced on one window of the checkpoint's roi size (UNETR's token grid is fixed by that size anyway), in fp32
 and on the CPU; load it with ``map_location`` to move it.
 
-The state dict (:func:`export_state_dict`) is ``{parameter name: tensor}`` and nothing else, the file a MONAI
-model-zoo bundle ships as ``models/model.pt``: ``monai.handlers.CheckpointLoader(load_dict={"model": net})``,
-``monai.bundle.load(..., model=net)`` and ``net.load_state_dict(torch.load(f, weights_only=True))`` read it as
-is. A medssl ``model.pt`` nests the same tensors under ``"state_dict"`` beside its metadata, which those
-loaders would take for parameter names.
+The state dict (:func:`export_state_dict`) is ``{name: tensor}`` (parameters and buffers) and nothing else,
+the file a MONAI model-zoo bundle ships as ``models/model.pt``: ``monai.handlers.CheckpointLoader(load_dict=
+{"model": net})``, ``monai.bundle.load(..., model=net)`` and ``net.load_state_dict(torch.load(f,
+weights_only=True))`` read it as is. A medssl ``model.pt`` nests the same tensors under ``"state_dict"`` beside
+its metadata, whose keys those loaders would take for parameter names.
 """
 
 from __future__ import annotations
