@@ -122,9 +122,14 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from medssl.export import export_torchscript
+    from medssl.export import export_state_dict, export_torchscript
 
-    print(export_torchscript(args.checkpoint, args.torchscript))
+    if not (args.torchscript or args.state_dict):
+        raise ConfigError("medssl export", "nothing to write: give --torchscript FILE and/or --state-dict FILE")
+    if args.torchscript:
+        print(export_torchscript(args.checkpoint, args.torchscript))
+    if args.state_dict:
+        print(export_state_dict(args.checkpoint, args.state_dict))
     return 0
 
 
@@ -304,12 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(
         sub,
         "export",
-        "export a checkpoint's network as TorchScript with its preprocessing and labels attached",
-        "medssl export runs/btcv_unetr/model.pt --torchscript runs/btcv_unetr/model.ts",
+        "export a checkpoint's network as TorchScript with its preprocessing and labels attached, or as the bare "
+        "state dict MONAI's CheckpointLoader and monai.bundle.load read",
+        "medssl export runs/btcv_unetr/model.pt --torchscript runs/btcv_unetr/model.ts --state-dict "
+        "runs/btcv_unetr/model_sd.pt",
         _cmd_export,
     )
     p.add_argument("checkpoint", help="a medssl checkpoint (.pt)")
-    p.add_argument("--torchscript", required=True, help="TorchScript file to write")
+    p.add_argument("--torchscript", default=None, help="TorchScript file to write")
+    p.add_argument("--state-dict", default=None, help="bare state dict file to write (tensors only, weights_only)")
 
     p = _add(
         sub,

@@ -1,10 +1,17 @@
-"""``medssl export``: a checkpoint's network as TorchScript, with its preprocessing and labels attached.
+"""``medssl export``: a checkpoint's network as TorchScript (with its preprocessing and labels attached) or as
+the bare state dict MONAI's loaders expect.
 
 The TorchScript file runs without medssl or MONAI (``torch.jit.load``); the metadata travels inside it as
 ``_extra_files["medssl.json"]``: ``{"format", "network", "preprocessing", "labels", "roi_size", "stage",
 "versions"}``, so a deployment can preprocess and name the classes exactly as training did. The network is
 traced on one window of the checkpoint's roi size (UNETR's token grid is fixed by that size anyway), in fp32
 and on the CPU; load it with ``map_location`` to move it.
+
+The state dict (:func:`export_state_dict`) is ``{name: tensor}`` (parameters and buffers) and nothing else,
+the file a MONAI model-zoo bundle ships as ``models/model.pt``: ``monai.handlers.CheckpointLoader(load_dict=
+{"model": net})``, ``monai.bundle.load(..., model=net)`` and ``net.load_state_dict(torch.load(f,
+weights_only=True))`` read it as is. A medssl ``model.pt`` nests the same tensors under ``"state_dict"`` beside
+its metadata, whose keys those loaders would take for parameter names.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import torch
 from medssl.atomic import atomic_write
 from medssl.errors import CheckpointError
 
-__all__ = ["METADATA_FILE", "export_torchscript", "load_torchscript"]
+__all__ = ["METADATA_FILE", "export_state_dict", "export_torchscript", "load_torchscript"]
 
 METADATA_FILE = "medssl.json"
 
@@ -80,6 +87,38 @@ def export_torchscript(checkpoint: str | os.PathLike, output: str | os.PathLike)
     }
     extra = {METADATA_FILE: json.dumps(meta, indent=2)}
     return atomic_write(output, lambda f: torch.jit.save(traced, f, _extra_files=extra))
+
+
+def export_state_dict(checkpoint: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Write the bare state dict of the checkpoint's network, atomically, loadable with ``weights_only=True``.
+
+    The network is rebuilt and its weights loaded strictly first (:func:`medssl.checkpoint.build_network`), so
+    the file holds exactly the tensors the network's class expects, under the names it expects.
+
+    Args:
+        checkpoint: a medssl ``model.pt`` (or ``last.pt``).
+        output: the ``.pt`` file to write (never the checkpoint itself).
+
+    Returns:
+        ``output``.
+
+    Raises:
+        CheckpointError: unreadable checkpoint, a refused network config, weights that do not fit it, or
+            ``output`` equal to ``checkpoint``.
+
+    Example::
+
+        export_state_dict("runs/btcv/model.pt", "runs/btcv/model_sd.pt")
+        net.load_state_dict(torch.load("runs/btcv/model_sd.pt", weights_only=True))
+    """
+    from medssl.checkpoint import atomic_torch_save, build_network, load_checkpoint
+
+    checkpoint, output = Path(checkpoint), Path(output)
+    if output.resolve() == checkpoint.resolve():
+        raise CheckpointError(output, "refusing to overwrite the checkpoint with its export")
+    ckpt = load_checkpoint(checkpoint)
+    state = build_network(ckpt, where=checkpoint).state_dict()
+    return atomic_torch_save(state, output)
 
 
 def load_torchscript(path: str | os.PathLike, map_location: str | torch.device = "cpu"):

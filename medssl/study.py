@@ -233,8 +233,10 @@ def cell_datalist(base: Mapping[str, Any], labeled_idx: Sequence[int], labels: M
 def _bundle_command(files: Sequence[Path], overrides: Mapping[str, Any]) -> list[str]:
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training"]
     cmd += ["--config_file", json.dumps([str(f) for f in files])]
-    meta = files[0].parent / "metadata.json"
-    if meta.is_file():
+    # MONAI metadata of the last config with one (bundles/metadata/<bundle>.json): an overlay with a network of
+    # its own (mean_teacher_btcv.yaml) describes the run, tiny.yaml has none
+    meta = next((m for f in reversed(files) if (m := f.parent / "metadata" / f"{f.stem}.json").is_file()), None)
+    if meta is not None:
         cmd += ["--meta_file", str(meta)]
     for key, value in overrides.items():
         # fire parses the value: JSON-encode non-strings (None → null is not Python, so spell None)

@@ -1,13 +1,15 @@
-"""TorchScript export: parity with the checkpoint's network, metadata, refusals."""
+"""``medssl export``: TorchScript parity and metadata; the bare state dict that MONAI's loaders read; refusals."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from medssl.checkpoint import build_network, load_checkpoint, save_checkpoint
 from medssl.errors import CheckpointError
-from medssl.export import export_torchscript, load_torchscript
+from medssl.export import export_state_dict, export_torchscript, load_torchscript
 from medssl.transforms.presets import preprocessing_summary
 
 NETWORKS = {
@@ -77,3 +79,90 @@ def test_export_missing_roi_and_bad_files(tmp_path):
     torch.jit.save(torch.jit.script(torch.nn.Identity()), str(plain))
     with pytest.raises(CheckpointError, match="metadata"):
         load_torchscript(plain)
+
+
+def _outputs(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return net.eval()(x)
+
+
+@pytest.mark.parametrize("kind", sorted(NETWORKS))
+def test_state_dict_export_loads_with_monai(tmp_path, kind):
+    from ignite.engine import Engine
+    from monai.bundle import load
+    from monai.handlers import CheckpointLoader
+
+    ckpt_path = _checkpoint(tmp_path, kind)
+    ckpt = load_checkpoint(ckpt_path)
+    out = export_state_dict(ckpt_path, tmp_path / "model_sd.pt")
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temporary file
+    state = torch.load(out, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # tensors only: no metadata keys
+    expected_net = build_network(ckpt)
+    assert list(state) == list(expected_net.state_dict())
+    x = torch.randn(1, 1, 32, 32, 16)
+    expected = _outputs(expected_net, x)
+
+    def fresh() -> torch.nn.Module:
+        torch.manual_seed(1)  # other weights than the checkpoint's, so a load that does nothing fails
+        return build_network(ckpt, load_weights=False)
+
+    assert not torch.allclose(_outputs(fresh(), x), expected)
+    net = fresh()
+    net.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    torch.testing.assert_close(_outputs(net, x), expected, rtol=0, atol=0)
+
+    net = fresh()
+    CheckpointLoader(load_path=str(out), load_dict={"model": net}, map_location="cpu")(Engine(lambda e, b: None))
+    torch.testing.assert_close(_outputs(net, x), expected, rtol=0, atol=0)
+
+    net = load("medssl_model", model=fresh(), model_file=str(out.resolve()), bundle_dir=str(tmp_path), device="cpu")
+    torch.testing.assert_close(_outputs(net, x), expected, rtol=0, atol=0)
+
+
+def test_checkpoint_loader_cannot_read_a_medssl_checkpoint(tmp_path):
+    # why the export exists: MONAI takes model.pt's top-level keys (format, network, ...) for parameter names
+    from ignite.engine import Engine
+    from monai.handlers import CheckpointLoader
+
+    ckpt_path = _checkpoint(tmp_path, "vnet")
+    net = build_network(load_checkpoint(ckpt_path), load_weights=False)
+    with pytest.raises(RuntimeError, match="state_dict"):
+        CheckpointLoader(load_path=str(ckpt_path), load_dict={"model": net})(Engine(lambda e, b: None))
+
+
+def test_state_dict_export_refuses_to_overwrite_checkpoint_and_bad_weights(tmp_path):
+    ckpt_path = _checkpoint(tmp_path, "vnet")
+    before = ckpt_path.read_bytes()
+    with pytest.raises(CheckpointError, match="overwrite"):
+        export_state_dict(ckpt_path, ckpt_path)
+    assert ckpt_path.read_bytes() == before
+    ckpt = load_checkpoint(ckpt_path)
+    state = dict(ckpt["state_dict"])
+    state.pop(next(iter(state)))
+    broken = tmp_path / "broken.pt"
+    save_checkpoint(broken, network=ckpt["network"], state_dict=state, stage="finetune")
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        export_state_dict(broken, tmp_path / "sd.pt")
+    assert not (tmp_path / "sd.pt").exists()
+
+
+def _readme_snippet() -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("### Use a medssl model with plain MONAI", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_plain_monai_snippet(tmp_path, capsys):
+    # the README's code as written, on a checkpoint and its export in place of runs/btcv_unetr/
+    ckpt_path = _checkpoint(tmp_path, "unetr")
+    export_state_dict(ckpt_path, tmp_path / "model_sd.pt")
+    ckpt_path.rename(tmp_path / "model.pt")
+    code = _readme_snippet()
+    assert "runs/btcv_unetr/model.pt" in code and "runs/btcv_unetr/model_sd.pt" in code
+    scope: dict = {}
+    exec(code.replace("runs/btcv_unetr/", f"{tmp_path}/"), scope)  # noqa: S102 - the README's own snippet
+    ckpt = load_checkpoint(tmp_path / "model.pt")
+    x = torch.randn(1, 1, 32, 32, 16)
+    torch.testing.assert_close(_outputs(scope["net"], x), _outputs(build_network(ckpt), x), rtol=0, atol=0)
+    assert str(ckpt["labels"]) in capsys.readouterr().out

@@ -67,7 +67,7 @@ def test_bundle_export_and_ckpt_export(tmp_path, model):
         "network_def",
         filepath=str(monai_ts),
         ckpt_file=str(model),
-        meta_file=str(REPO / "bundles" / "metadata.json"),
+        meta_file=str(REPO / "bundles" / "metadata" / "inference.json"),
         config_file=CONFIG,
         key_in_ckpt="state_dict",
         use_trace=True,

@@ -1,0 +1,40 @@
+"""A network seen through its first output, for tools that expect one tensor.
+
+MONAI's ``ViTAutoEnc`` returns ``(reconstruction, hidden_states)``. MONAI's bundle tools
+(``python -m monai.bundle verify_net_in_out``) read ``output.shape`` and ``output.dtype`` of the network named by
+``--net_id``, which a tuple does not have; ``ssl_pretrain.yaml`` therefore names this wrapper
+(``reconstruction_network``) as the network its metadata describes. Training keeps the unwrapped network, and
+checkpoints its state dict, so the wrapper's ``network.`` key prefix never reaches a file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["FirstOutput"]
+
+
+class FirstOutput(nn.Module):
+    """Call ``network`` and return the first element of a tuple / list output (any other output unchanged).
+
+    Args:
+        network: the module to wrap, e.g. ``ViTAutoEnc``; it is registered as ``self.network``.
+
+    Example::
+
+        net = FirstOutput(ViTAutoEnc(in_channels=1, img_size=32, patch_size=16))
+        net(torch.zeros(1, 1, 32, 32, 32)).shape  # (1, 1, 32, 32, 32): the reconstruction only
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(network, nn.Module):
+            raise TypeError(f"network must be a torch.nn.Module, got {type(network).__name__}")
+        self.network = network
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        output = self.network(*args, **kwargs)
+        return output[0] if isinstance(output, (tuple, list)) else output
