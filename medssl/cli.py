@@ -168,6 +168,33 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_suggest(args: argparse.Namespace) -> int:
+    from medssl.suggest import suggest
+
+    paths = suggest(
+        args.model,
+        args.datalist,
+        args.out,
+        count=args.count,
+        strategy=args.strategy,
+        teacher=args.teacher,
+        key=args.key,
+        dataset_dir=args.dataset_dir,
+        diversity=args.diversity,
+        samples=args.samples,
+        seed=args.seed,
+        write_datalist=args.write_datalist,
+        cache=not args.no_cache,
+        device=args.device,
+        precision=args.precision,
+        overlap=args.overlap,
+        sw_batch_size=args.sw_batch_size,
+    )
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 
 
@@ -351,6 +378,50 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="recompute the cells whose settings changed since they ran (default: refuse to mix settings)",
     )
+    p = _add(
+        sub,
+        "suggest",
+        "rank unlabeled volumes by which to annotate next (entropy, mc_dropout, teacher_student or random), with "
+        "diversity; writes suggestions.csv and a PNG of the most uncertain slices",
+        "medssl suggest --model runs/mean_teacher/model_student.pt --teacher runs/mean_teacher/last.pt "
+        "--strategy teacher_student --datalist data/ct_phantom/datalist.json --count 4 --out runs/suggest "
+        "--write-datalist data/ct_phantom/next.json",
+        _cmd_suggest,
+    )
+    p.add_argument("--model", required=True, help="medssl checkpoint (model.pt); preprocessing and roi come from it")
+    p.add_argument("--datalist", required=True, help="datalist whose --key items are scored (never modified)")
+    p.add_argument("--count", type=int, required=True, help="how many volumes to suggest")
+    p.add_argument("--out", required=True, help="output folder (suggestions.csv, suggestions.png, score cache)")
+    # no argparse choices: a bad value is one "medssl: error:" line, like every other user error
+    p.add_argument(
+        "--strategy",
+        default="entropy",
+        help="entropy (mean softmax entropy over the foreground-probable voxels; default), mc_dropout (mutual "
+        "information over --samples dropout passes), teacher_student (KL(teacher || student), needs --teacher) "
+        "or random (seeded control)",
+    )
+    p.add_argument("--teacher", default=None, help="teacher_student: Mean Teacher last.pt or model_teacher.pt")
+    p.add_argument("--key", default="unlabeled", help="datalist key of the candidates (default: unlabeled)")
+    p.add_argument("--dataset-dir", default=None, help="base of the datalist's relative paths")
+    p.add_argument(
+        "--diversity",
+        type=float,
+        default=0.5,
+        help="weight of the similarity penalty in the greedy selection; 0 = plain ranking (default: 0.5)",
+    )
+    p.add_argument("--samples", type=int, default=8, help="mc_dropout passes (default: 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random and of mc_dropout's masks (default: 0)")
+    p.add_argument(
+        "--write-datalist",
+        default=None,
+        metavar="NEW.json",
+        help="also write a copy of the datalist with the suggested cases moved from --key to 'to_label'",
+    )
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the per-volume score cache")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "amp"], default="auto", help="default: auto")
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1) (default: 0.25)")
+    p.add_argument("--sw-batch-size", type=int, default=4, help="windows per network call (default: 4)")
     return parser
 
 

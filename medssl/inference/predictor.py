@@ -349,23 +349,21 @@ class Predictor:
 
     # ------------------------------------------------------------------------------------------ public
 
-    def predict_volume(self, volume: Volume) -> Prediction:
-        """Segment one read volume; labels (and probabilities) on ``volume``'s grid."""
+    def _segment_model_grid(
+        self, image: torch.Tensor, volume: Volume, network: torch.nn.Module, probabilities: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sliding window on a preprocessed ``image``; an allocation failure becomes a :class:`ResourceError`."""
         from tqdm import tqdm
 
         from medssl.engines.utils import autocast
 
-        start = time.perf_counter()
-        self._check_memory(volume)
-        image, model_affine = self._preprocess(volume)
-        amap = axis_map(model_affine, volume.affine)
         n_windows = count_windows(image.shape[1:], self.roi_size, self.overlap)
         oom = None
         with tqdm(total=n_windows, desc=volume.path.name, unit="win", disable=not self.progress, leave=False) as bar:
             try:
-                labels_m, probs_m = sliding_window_segment(
+                return sliding_window_segment(
                     image,
-                    self.network,
+                    network,
                     self.roi_size,
                     sw_batch_size=self.sw_batch_size,
                     overlap=self.overlap,
@@ -374,18 +372,61 @@ class Predictor:
                     autocast=contextlib.nullcontext() if self._bf16_network else autocast(self.device, self.precision),
                     input_dtype=torch.bfloat16 if self._bf16_network else torch.float32,
                     channels_last=self._bf16_network,
-                    probabilities=self.probabilities or self.interpolation == "linear",
+                    probabilities=probabilities,
                     progress=bar.update,
                 )
             except Exception as e:
                 if not is_out_of_memory(e):
                     raise
                 oom = self._out_of_memory_running(volume, e, n_windows)
+        # raised outside the handler: the failed call's activations are freed first
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise oom
+
+    def prepare_network(self, network: torch.nn.Module) -> torch.nn.Module:
+        """Another network of this checkpoint's architecture (e.g. a Mean Teacher's EMA teacher) on this
+        predictor's device and precision, in eval mode, so :meth:`model_grid_probabilities` can run it."""
+        network = network.to(self.device).eval()
+        if self._bf16_network:
+            network = network.to(dtype=torch.bfloat16, memory_format=torch.channels_last_3d)
+        return network
+
+    def preprocess(self, volume: Volume) -> torch.Tensor:
+        """``volume`` after the checkpoint's preprocessing: ``(in_channels, X, Y, Z)`` on the model grid.
+
+        Raises:
+            DataError: the volume does not fit in memory (estimate), or has NaN / infinite voxels.
+        """
+        self._check_memory(volume)
+        return self._preprocess(volume)[0]
+
+    def model_grid_probabilities(self, image: torch.Tensor, volume: Volume, network: torch.nn.Module | None = None):
+        """Softmax probabilities ``(C, X, Y, Z)`` (float16, CPU) of a :meth:`preprocess`-ed ``image`` on the model
+        grid, through the same memory-bounded sliding window as :meth:`predict_volume`.
+
+        Args:
+            image: the output of :meth:`preprocess` for ``volume``.
+            volume: the read volume (for messages).
+            network: the network to run (default: the checkpoint's); dropout layers in train mode stay so, which
+                is how Monte-Carlo dropout samples (see :mod:`medssl.suggest`).
+
+        Raises:
+            ResourceError: out of memory while running the network.
+        """
+        _, probs = self._segment_model_grid(image, volume, self.network if network is None else network, True)
+        return probs
+
+    def predict_volume(self, volume: Volume) -> Prediction:
+        """Segment one read volume; labels (and probabilities) on ``volume``'s grid."""
+        start = time.perf_counter()
+        self._check_memory(volume)
+        image, model_affine = self._preprocess(volume)
+        amap = axis_map(model_affine, volume.affine)
+        labels_m, probs_m = self._segment_model_grid(
+            image, volume, self.network, self.probabilities or self.interpolation == "linear"
+        )
         del image
-        if oom is not None:  # raised outside the handler: the failed call's activations are freed first
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            raise oom
         shape = volume.data.shape[:3]
         labels = labels_to_input_grid(labels_m.numpy(), amap, shape)
         if self.interpolation == "linear":
