@@ -11,7 +11,8 @@ preprocessing) and scored by one strategy; higher means "label this one first":
 * ``mc_dropout``: ``samples`` stochastic passes with the dropout layers in train mode (everything else, e.g.
   BatchNorm, in eval mode); the score is the mean mutual information ``H(mean_t p_t) - mean_t H(p_t)`` (BALD,
   Houlsby et al. 2011, normalised by ``log C``) over the foreground-probable region of the mean softmax: the part
-  of the uncertainty that more labels can remove. A network without active dropout is refused.
+  of the uncertainty that more labels can remove. A network without active dropout is refused. It holds a
+  float32 ``C``-channel sum on the model grid beside the Predictor's float16 map (not in its memory estimate).
 * ``teacher_student``: mean ``KL(p_teacher || p_student)`` (nats) over the union of both foreground-probable
   regions, the student being ``--model`` and the teacher a Mean Teacher's EMA network. KL rather than
   ``1 - Dice`` of the two argmaxes: it is continuous, so volumes whose labels agree but whose confidence differs
