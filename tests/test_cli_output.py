@@ -238,3 +238,13 @@ def test_eta_is_mean_time_per_item_times_items_left(monkeypatch):
     assert [format_seconds(s) for s in (4.4, 65, 7380)] == ["4s", "1m05s", "2h03m"]
     with pytest.raises(ValueError, match="got -1"):
         Progress(-1, "demo")
+
+
+def test_a_terminal_gets_a_bar_instead_of_log_lines(monkeypatch, caplog, capsys):
+    monkeypatch.setattr(progress_module, "stderr_is_terminal", lambda: True)
+    with caplog.at_level(logging.INFO, logger="medssl.progress"):
+        assert list(track(["a", "b"], "demo", unit="thing")) == ["a", "b"]
+    assert not [r for r in caplog.records if r.name == "medssl.progress"]
+    err = capsys.readouterr().err
+    assert re.search(r"demo: .*\d/2 \[", err), err  # tqdm's "k/N [elapsed<ETA]" bar (refreshes are throttled)
+    assert err.endswith("\r") and err.rsplit("\r", 2)[-2].strip() == ""  # cleared when done (leave=False)
