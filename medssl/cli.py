@@ -4,6 +4,10 @@ User errors (:class:`medssl.errors.MedsslError`) print ``medssl: error: <file>: 
 problem) and exit with code 2; anything else is a bug and keeps its traceback. ``medssl infer`` on several files
 or folders segments every good volume, prints one such line per bad one (as it fails, no output left for it), the
 summary (``N of M volumes segmented; K failed``) on stdout, and exits with code 2 when any volume failed.
+
+Output discipline: results go to stdout; progress ("k/N" with ETA, :mod:`medssl.progress`) and medssl's INFO lines
+go to stderr only when it is a terminal or with ``--verbose`` (DEBUG too), ``--quiet`` leaves errors only
+(:func:`log_level`); the error lines are printed last, so they end stderr.
 """
 
 from __future__ import annotations
