@@ -4,28 +4,90 @@ User errors (:class:`medssl.errors.MedsslError`) print ``medssl: error: <file>: 
 problem) and exit with code 2; anything else is a bug and keeps its traceback. ``medssl infer`` on several files
 or folders segments every good volume, prints one such line per bad one (as it fails, no output left for it), the
 summary (``N of M volumes segmented; K failed``) on stdout, and exits with code 2 when any volume failed.
+
+Output discipline: results go to stdout; progress ("k/N" with ETA, :mod:`medssl.progress`) and medssl's INFO lines
+go to stderr only when it is a terminal or with ``--verbose`` (DEBUG too), ``--quiet`` leaves errors only
+(:func:`log_level`); the error lines are printed last, so they end stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from medssl.errors import ConfigError, MedsslError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "log_level", "TYPICAL_SESSION"]
 
 EXIT_USER_ERROR = 2
 
 
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+# the five commands of a typical session, the end of `medssl --help`
+TYPICAL_SESSION = (
+    "medssl phantom ct-abdomen --out data/ct_phantom --cases 6 --unlabeled 4",
+    "python -m monai.bundle run training --config_file "
+    "\"['bundles/supervised.yaml','bundles/btcv_unetr.yaml','bundles/tiny.yaml']\"",
+    "medssl inspect runs/btcv_unetr/model.pt",
+    "medssl infer --model runs/btcv_unetr/model.pt --input data/ct_phantom/imagesTr --output runs/infer",
+    "medssl evaluate --pred runs/infer --ref data/ct_phantom/datalist.json --out runs/metrics.csv",
+)
+
+_EPILOG = (
+    "a typical session: make or prepare data, train a bundle (drop bundles/tiny.yaml for the published recipe; "
+    "real data:\n`medssl prepare btcv --root /data/RawData --out data/btcv.json` and --dataset_dir / --datalist), "
+    "look at the model,\nsegment, score. --verbose / --quiet work before or after COMMAND.\n  "
+    + "\n  ".join(TYPICAL_SESSION)
+)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks and appends ``(default: X)`` to options whose help does not state one."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        # identity, not equality: 0 is a default worth stating, False (a flag's off state) is not
+        unset = any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        if action.option_strings and not unset and "default" not in help_:
+            help_ += " (default: %(default)s)"
+        return help_
+
+
+def _output_options() -> argparse.ArgumentParser:
+    """``--verbose`` / ``--quiet`` for every subcommand; SUPPRESS keeps a value given before the command."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_mutually_exclusive_group()
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="progress ('k/N', ETA) and INFO lines on stderr even when it is not a terminal; DEBUG lines too",
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress and no log lines below ERROR, even on a terminal; errors and results still print",
+    )
+    return parent
 
 
 def _add(sub, name: str, help_: str, example: str, func: Callable[[argparse.Namespace], int | None]):
-    p = sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {example}", formatter_class=_formatter)
+    p = sub.add_parser(
+        name,
+        help=help_,
+        description=help_,
+        epilog=f"example:\n  {example}",
+        formatter_class=_HelpFormatter,
+        parents=[_output_options()],
+    )
     p.set_defaults(func=func)
     return p
 
@@ -204,11 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medssl",
         description="Label-efficient 3D medical image segmentation on MONAI.",
-        formatter_class=_formatter,
-        epilog="example:\n  medssl phantom ct-abdomen --out data/ct_phantom --cases 6 --unlabeled 4",
+        formatter_class=_HelpFormatter,
+        epilog=_EPILOG,
+        parents=[_output_options()],
     )
     parser.add_argument("--version", action="version", version=f"medssl {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = _add(
@@ -425,20 +487,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def log_level(verbose: bool, quiet: bool) -> int:
+    """The level of medssl's log lines (and so of progress, :mod:`medssl.progress`) for these flags.
+
+    ``--quiet``: ERROR. ``--verbose``: DEBUG. Neither: INFO when stderr is a terminal, else WARNING, so a
+    redirected or captured stderr holds warnings and the one-line errors only.
+    """
+    from medssl.progress import stderr_is_terminal
+
+    if quiet:
+        return logging.ERROR
+    if verbose:
+        return logging.DEBUG
+    return logging.INFO if stderr_is_terminal() else logging.WARNING
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(level: int) -> Iterator[None]:
+    """medssl's loggers at ``level``, to the current stderr, for one ``main`` call; restored afterwards."""
+    medssl_logger = logging.getLogger("medssl")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    old_level = medssl_logger.level
+    medssl_logger.setLevel(level)
+    medssl_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        medssl_logger.removeHandler(handler)
+        medssl_logger.setLevel(old_level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        return int(args.func(args) or 0)
-    except MedsslError as e:
-        _print_error(e)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("medssl: interrupted", file=sys.stderr)
-        return 130
+    level = log_level(getattr(args, "verbose", False), getattr(args, "quiet", False))
+    with _logging_to_stderr(level):
+        try:
+            return int(args.func(args) or 0)
+        except MedsslError as e:
+            _print_error(e)  # after every progress line: the errors are the last lines on stderr
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            print("medssl: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ import numpy as np
 
 from medssl.atomic import atomic_write_all
 from medssl.errors import DataError, ErrorList
+from medssl.progress import track
 
 __all__ = [
     "METRICS",
@@ -521,7 +522,7 @@ def evaluate_folder(
 
     per_case: list[tuple[str, list[dict[str, Any]], float]] = []
     seen_labels: set[int] = set()
-    for name, ref_path in cases:
+    for name, ref_path in track(cases, "evaluate", unit="case", describe=lambda case: case[0]):
         pred_path = matched[name]
         p, pg = _read_label(pred_path)
         r, rg = _read_label(ref_path)

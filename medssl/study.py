@@ -40,9 +40,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -59,6 +57,7 @@ from medssl import resources
 from medssl.atomic import atomic_save_figure, atomic_write_text
 from medssl.errors import ConfigError, MedsslError
 from medssl.metrics import TUTORIAL_COLUMN, tutorial_mean  # the column is optional in a cell's rows (older cells)
+from medssl.progress import Progress, format_seconds
 from medssl.study_fingerprint import append_history, claim_cells, content_sha256, file_sha256, fingerprint
 
 __all__ = [
@@ -279,7 +278,7 @@ def _pretrained_checkpoint(cfg: StudyConfig, bundles: Path, base_overrides: Mapp
     if not (run_dir / "done.json").is_file():
         files = [Path(p).resolve() for p in cfg.pretrain_bundle] + [Path(p).resolve() for p in cfg.overlays]
         overrides = {**base_overrides, "output_dir": str(run_dir), "resume": "true"}
-        print(f"pretraining the ViT with {', '.join(p.name for p in files)} → {ckpt}", flush=True)
+        log.info("pretraining the ViT with %s → %s", ", ".join(p.name for p in files), ckpt)
         _run_logged(_bundle_command(files, overrides), run_dir / "run.log", "SSL pretraining", _threads(cfg, 1))
         _mark(run_dir / "done.json", {"checkpoint": str(ckpt)})
     return str(ckpt)
@@ -322,7 +321,8 @@ def _last_progress(log_path: Path) -> str | None:
 
 
 class _LiveProgress:
-    """Prints the running cells' training progress every ``interval`` seconds until stopped."""
+    """Logs the running cells' training progress every ``interval`` seconds until stopped (INFO: shown where
+    progress is, see :mod:`medssl.progress`)."""
 
     def __init__(self, running: dict[str, Path], lock: threading.Lock, interval: float = 20.0) -> None:
         self.running, self.lock, self.interval = running, lock, interval
@@ -342,12 +342,7 @@ class _LiveProgress:
             with self.lock:
                 parts = [f"{tag} {_last_progress(log) or 'starting'}" for tag, log in self.running.items()]
                 if parts:
-                    print("   running: " + " | ".join(parts), flush=True)
-
-
-def _fmt_seconds(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+                    log.info("running: %s", " | ".join(parts))
 
 
 def _cell_name(method: str, n: int, seed: int) -> str:
@@ -450,9 +445,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
     threads = _threads(cfg, jobs)
     lock = threading.Lock()
     running: dict[str, Path] = {}
-    durations: list[float] = []
     results: dict[tuple[str, int, int], list[dict[str, str]]] = {}
-    start = time.perf_counter()
 
     def run_cell(k: int, method: str, n: int, seed: int) -> None:
         cell_dir = out / "cells" / _cell_name(method, n, seed)
@@ -479,7 +472,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
             overrides.update(cfg.method_overrides.get(method, {}))
             with lock:
                 running[tag] = cell_dir / "train.log"
-                print(f"{tag}: training ({threads} thread(s))", flush=True)
+                log.info("%s: training (%d thread(s))", tag, threads)
             try:
                 _run_logged(_bundle_command(files, overrides), cell_dir / "train.log", f"training cell {tag}", threads)
             finally:
@@ -490,15 +483,9 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
         _mark(cell_dir / "done.json", {"rows": cell_rows})
         with lock:
             results[(method, n, seed)] = cell_rows
-            durations.append(time.perf_counter() - t0)
-            left = sum(1 for c in cells if c not in results)
-            # cells run `jobs` at a time: the time left is the median cell time per wave of jobs
-            remaining = statistics.median(durations) * math.ceil(left / jobs)
             dice = float(np.mean([float(r["dice"]) for r in cell_rows]))
-            print(
-                f"{tag}: mean Dice {dice:.3f} in {_fmt_seconds(durations[-1])} | elapsed "
-                f"{_fmt_seconds(time.perf_counter() - start)} | ~{_fmt_seconds(remaining)} left",
-                flush=True,
+            progress.advance(
+                f"{method} n={n} seed={seed}: mean Dice {dice:.3f} in {format_seconds(time.perf_counter() - t0)}"
             )
 
     pending = []
@@ -506,11 +493,13 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
         done = out / "cells" / _cell_name(method, n, seed) / "done.json"
         if done.is_file():
             results[(method, n, seed)] = json.loads(done.read_text(encoding="utf-8"))["rows"]
-            print(f"[{k}/{len(cells)}] {method} n={n} seed={seed}: finished earlier, skipped", flush=True)
+            log.info("[%d/%d] %s n=%d seed=%d: finished earlier, skipped", k, len(cells), method, n, seed)
         else:
             pending.append((k, method, n, seed))
     if pending:
-        with _LiveProgress(running, lock), ThreadPoolExecutor(max_workers=jobs) as pool:
+        # "cell k/N, ETA" over the cells left to run; the ETA (mean time per finished cell) holds for parallel jobs
+        progress = Progress(len(pending), "study", unit="cell")
+        with progress, _LiveProgress(running, lock), ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = [pool.submit(run_cell, *cell) for cell in pending]
             errors = []
             for future in futures:

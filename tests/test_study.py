@@ -1,5 +1,6 @@
 import csv
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -185,6 +186,22 @@ def test_resume_skips_finished_cells(tmp_path, monkeypatch):
     run_study(cfg)  # everything finished: nothing runs again
     assert ran == []
     assert "| scratch | 30.0 ± 0.0 | 50.0 ± 0.0 |" in paths["md"].read_text()
+
+
+def test_cells_report_k_of_n_with_eta_only_where_progress_is_on(tmp_path, monkeypatch, caplog):
+    datalist = _phantom_like_datalist(tmp_path)
+    _fake_runs(monkeypatch, dice=0.3)
+    cfg = StudyConfig(datalist=str(datalist), out=str(tmp_path / "a"), labeled=[1, 2], methods=["scratch"], budget=3)
+    with caplog.at_level(logging.WARNING, logger="medssl"):  # what a redirected stderr gets from the CLI
+        run_study(cfg)
+    assert not [r for r in caplog.records if r.name == "medssl.progress"]
+    cfg = StudyConfig(datalist=str(datalist), out=str(tmp_path / "b"), labeled=[1, 2], methods=["scratch"], budget=3)
+    with caplog.at_level(logging.INFO, logger="medssl"):  # a terminal or --verbose
+        run_study(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.name == "medssl.progress"]
+    assert len(lines) == 2 * cfg.seeds
+    assert lines[0].startswith(f"study: cell 1/{2 * cfg.seeds} scratch n=1 seed=0: mean Dice 0.300 in ")
+    assert "ETA" in lines[0] and lines[-1].endswith("ETA 0s)")
 
 
 def _btcv_like_datalist(tmp_path):

@@ -28,6 +28,7 @@ import numpy as np
 
 from medssl.data.io import ImageInfo, read_image_data, read_image_info
 from medssl.errors import DataError, ErrorList, MedsslError
+from medssl.progress import Progress
 
 __all__ = ["DATALIST_KEYS", "PATH_FIELDS", "AFFINE_TOLERANCE_MM", "Datalist", "load_datalist", "check_datalist"]
 
@@ -333,47 +334,53 @@ def check_datalist(
                 )
 
     counts: dict[str, tuple[int, int]] = {}
+    progress = Progress(sum(len(items) for items in dl.data.values()), "check", unit="item")
     for key, items in dl.data.items():
         n_labeled = n_items = 0
         for item in items:
-            images, labels = _paths(item, "image"), _paths(item, "label")
-            n_labeled += bool(labels)
-            if key in LABELED_KEYS and not labels:
-                problems.append(DataError(path, f"{key}[{n_items}] has no 'label' ({key!r} items must be labeled)"))
-            n_items += 1
-            for p in images + labels:
-                rel = os.path.relpath(p, dl.dataset_dir)
-                if rel == os.pardir or rel.startswith(os.pardir + os.sep):
-                    problems.append(DataError(path, f"{key}: {p} lies outside dataset_dir {dl.dataset_dir}"))
-            for p in images:
-                check_image_data(p)
-            for p in labels:
-                check_label_data(p, key)
-            if not images or not labels or info_of(images[0]) is None or images[0] in failed:
-                continue
-            ref = infos[images[0]]
-            for p in labels:
-                lab = infos.get(p)
-                if lab is None:
+            note = f"{key}[{n_items}]"
+            try:
+                images, labels = _paths(item, "image"), _paths(item, "label")
+                n_labeled += bool(labels)
+                if key in LABELED_KEYS and not labels:
+                    problems.append(DataError(path, f"{key}[{n_items}] has no 'label' ({key!r} items must be labeled)"))
+                n_items += 1
+                for p in images + labels:
+                    rel = os.path.relpath(p, dl.dataset_dir)
+                    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+                        problems.append(DataError(path, f"{key}: {p} lies outside dataset_dir {dl.dataset_dir}"))
+                for p in images:
+                    check_image_data(p)
+                for p in labels:
+                    check_label_data(p, key)
+                if not images or not labels or info_of(images[0]) is None or images[0] in failed:
                     continue
-                if lab.shape != ref.shape:
-                    problems.append(DataError(p, f"shape {lab.shape} differs from image {ref.path.name} {ref.shape}"))
-                    continue
-                diff = float(np.abs(lab.affine - ref.affine).max())
-                if diff > AFFINE_TOLERANCE_MM:
-                    problems.append(
-                        DataError(
-                            p,
-                            f"affine differs from image {ref.path.name} by up to {diff:.4g} mm "
-                            f"(tolerance {AFFINE_TOLERANCE_MM} mm): label origin "
-                            f"{np.round(lab.affine[:3, 3], 3).tolist()} spacing {np.round(lab.spacing, 4).tolist()}"
-                            f" vs image origin {np.round(ref.affine[:3, 3], 3).tolist()} "
-                            f"spacing {np.round(ref.spacing, 4).tolist()}",
+                ref = infos[images[0]]
+                for p in labels:
+                    lab = infos.get(p)
+                    if lab is None:
+                        continue
+                    if lab.shape != ref.shape:
+                        problems.append(DataError(p, f"shape {lab.shape} differs from image {ref.path.name} {ref.shape}"))
+                        continue
+                    diff = float(np.abs(lab.affine - ref.affine).max())
+                    if diff > AFFINE_TOLERANCE_MM:
+                        problems.append(
+                            DataError(
+                                p,
+                                f"affine differs from image {ref.path.name} by up to {diff:.4g} mm "
+                                f"(tolerance {AFFINE_TOLERANCE_MM} mm): label origin "
+                                f"{np.round(lab.affine[:3, 3], 3).tolist()} spacing {np.round(lab.spacing, 4).tolist()}"
+                                f" vs image origin {np.round(ref.affine[:3, 3], 3).tolist()} "
+                                f"spacing {np.round(ref.spacing, 4).tolist()}",
+                            )
                         )
-                    )
-                elif p in empty:
-                    problems.append(DataError(p, f"label map of a {key!r} item has no foreground (all voxels are 0)"))
+                    elif p in empty:
+                        problems.append(DataError(p, f"label map of a {key!r} item has no foreground (all voxels are 0)"))
+            finally:  # a `continue` above still counts the item
+                progress.advance(note)
         counts[key] = (len(items), n_labeled)
+    progress.close()
 
     if problems:
         raise ErrorList(problems)

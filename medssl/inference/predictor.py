@@ -63,6 +63,7 @@ from medssl.inference.volume import (
     write_sidecar,
 )
 from medssl.inference.window import count_windows, sliding_window_segment
+from medssl.progress import Progress, progress_enabled, stderr_is_terminal
 
 __all__ = ["Prediction", "InferenceReport", "Predictor", "infer", "largest_components", "available_memory"]
 
@@ -155,7 +156,8 @@ class Predictor:
             (:func:`~medssl.inference.grid.refine_boundaries`; keeps a float16 ``C``-channel map on the model
             grid). ``"nearest"``: nearest-neighbour labels only (least memory; boundaries may shift by half a
             model voxel).
-        progress: show a progress bar per volume.
+        progress: report "volume k/N" with ETA and, on a terminal, a bar of windows per volume, when progress
+            is enabled (:func:`medssl.progress.progress_enabled`: the CLI's terminal / ``--verbose`` rule).
         memory_limit: bytes the estimate must fit in (default: the available memory reported by the OS).
 
     Raises:
@@ -359,7 +361,8 @@ class Predictor:
 
         n_windows = count_windows(image.shape[1:], self.roi_size, self.overlap)
         oom = None
-        with tqdm(total=n_windows, desc=volume.path.name, unit="win", disable=not self.progress, leave=False) as bar:
+        show = self.progress and progress_enabled() and stderr_is_terminal()  # a bar only where one is watched
+        with tqdm(total=n_windows, desc=volume.path.name, unit="win", disable=not show, leave=False) as bar:
             try:
                 return sliding_window_segment(
                     image,
@@ -525,21 +528,24 @@ class Predictor:
         files = find_inputs(inputs)
         protected = [p.resolve() for p in files]
         report, seen = InferenceReport(), {}
-        for path in files:
-            name = case_name(path)
-            try:
-                if name in seen:
-                    raise DataError(path, f"same case name '{name}' as {seen[name]}; its outputs would collide")
-                seen[name] = path
-                report.written[str(path)] = self.predict_file(path, output_dir, protected=protected)
-            except MedsslError as e:
-                if on_error is None:
-                    logger.warning("%s (continuing with the next volume)", e)
-                else:
-                    on_error(e)
-                report.failures.append(e)
-        # the summary reaches the caller (return value or ErrorList): logged for debugging only
-        logger.debug("%s", report.summary())
+        # a volume's progress line comes before its error line, so errors stay the last lines on stderr
+        with Progress(len(files), "infer", unit="volume", enabled=self.progress) as progress:
+            for path in files:
+                name = case_name(path)
+                try:
+                    if name in seen:
+                        raise DataError(path, f"same case name '{name}' as {seen[name]}; its outputs would collide")
+                    seen[name] = path
+                    report.written[str(path)] = self.predict_file(path, output_dir, protected=protected)
+                    progress.advance(path.name)
+                except MedsslError as e:
+                    progress.advance(f"{path.name} failed")
+                    if on_error is None:
+                        logger.warning("%s (continuing with the next volume)", e)
+                    else:
+                        on_error(e)
+                    report.failures.append(e)
+        # the summary reaches the caller (return value or ErrorList), not the log: nothing follows the errors
         if report.failures and raise_on_error:
             raise ErrorList(report.failures + [DataError(None, report.summary())])
         return report
