@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from medssl.errors import CheckpointError, ConfigError
+from medssl.progress import format_seconds
 from medssl.suggest.uncertainty import (
     FOREGROUND_THRESHOLD,
     active_dropout,
@@ -219,11 +220,6 @@ def _write_cache(path: Path, s: Score) -> None:
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def _eta(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}"
-
-
 def score_volumes(
     model: str | os.PathLike | Mapping[str, Any] | None,
     records: Sequence[Mapping[str, Any]],
@@ -330,6 +326,11 @@ def score_volumes(
         elapsed = time.perf_counter() - start
         left = len(cases) - k
         logger.info(
-            "volume %d of %d: %s score %.4g (ETA %s)", k, len(cases), case, value, _eta(elapsed / computed * left)
+            "volume %d of %d: %s score %.4g (ETA %s)",
+            k,
+            len(cases),
+            case,
+            value,
+            format_seconds(elapsed / computed * left),
         )
     return scores
