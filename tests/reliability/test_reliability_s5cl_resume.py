@@ -16,8 +16,8 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, RandGaussianNoised
 
 from medssl.checkpoint import load_checkpoint
-from medssl.engines.handlers import CheckpointHandler
 from medssl.engines.s5cl import S5CLClassifier, S5CLTrainer
+from medssl.handlers import CheckpointHandler
 
 SIZE = 8
 STEPS_PER_EPOCH = 4  # unlabeled: 8 items, batch 2
