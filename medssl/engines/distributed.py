@@ -13,8 +13,12 @@
 - :class:`DistributedDataLoader` is a MONAI ``DataLoader`` that gives each rank its shard (``DistributedSampler``;
   training: ``even_divisible=True``, every rank runs the same number of iterations; validation:
   ``even_divisible=False``, every case once, MONAI's metrics all-gather the results).
-- :func:`main_process_only` drops logging / TensorBoard / CSV / image / progress handlers on ranks > 0 (also
-  those already attached to the evaluators of ``ValidationHandler``), keeping everything that changes training.
+- :func:`main_process_only` drops the output handlers (logging / TensorBoard / CSV / image / progress) on ranks > 0
+  (also those already attached to the evaluators of ``ValidationHandler``), keeping everything that changes
+  training. A handler declares itself an output handler with the class attribute ``main_process_only = True``;
+  MONAI's own are known by type (:data:`MONAI_OUTPUT_HANDLERS`).
+
+Rank, world size and the gathers come from the leaf :mod:`medssl.dist`, which handlers and losses import too.
 - :func:`run` trains and always leaves the process group (``destroy_process_group``), also when training raises.
 
 Gradient averaging: DDP all-reduces the mean of the ranks' gradients, so a step of ``N`` ranks with ``b`` samples
