@@ -24,7 +24,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from medssl.engines.utils import as_bool
 from medssl.errors import CheckpointError
 
 __all__ = [
+    "BestTracker",
     "CheckpointHandler",
     "BestOfCheckpoint",
     "engine_precision",
@@ -164,6 +165,66 @@ def _load_state(obj: Any, state: Any) -> None:
     module.load_state_dict(state)
 
 
+class BestTracker:
+    """Best-model selection of :class:`CheckpointHandler` and :class:`BestOfCheckpoint`: which validated candidate
+    beats the best so far.
+
+    Each watched evaluator reports its ``key_metric`` when it completes (:meth:`watch`); the owning handler calls
+    :meth:`take` after the trainer iteration or epoch that ran the validations, which picks the best value of the
+    round (ties go to the candidate listed first) and returns it when it beats the best so far. :meth:`forget`
+    drops the values of a validation that must select nothing (one run before training, at ``EPOCH_STARTED``).
+    Non-finite values never improve.
+
+    Args:
+        key_metric: name in each ``evaluator.state.metrics``.
+        mode: ``"min"`` (losses) or ``"max"`` (Dice).
+        candidates: candidate names in tie-break order (one unnamed candidate by default).
+
+    Raises:
+        ValueError: an unknown ``mode``.
+    """
+
+    def __init__(self, key_metric: str, mode: str, candidates: Sequence[str | None] = (None,)) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.key_metric = key_metric
+        self.mode = mode
+        self.candidates = list(candidates)
+        self.pending: dict[str | None, float] = {}
+
+    def improves(self, value: float, than: float | None) -> bool:
+        """``value`` is finite and better than ``than`` (``None``: nothing to beat)."""
+        if not math.isfinite(value):
+            return False
+        return than is None or (value < than if self.mode == "min" else value > than)
+
+    def watch(self, evaluator: Any, name: str | None = None) -> None:
+        """Record ``evaluator``'s ``key_metric`` for candidate ``name`` each time it completes."""
+        from ignite.engine import Events
+
+        evaluator.add_event_handler(Events.COMPLETED, functools.partial(self.record, name=name))
+
+    def record(self, evaluator: Any, name: str | None = None) -> None:
+        """Keep ``evaluator``'s ``key_metric`` (when it has one) as candidate ``name``'s value of this round."""
+        if self.key_metric in evaluator.state.metrics:
+            self.pending[name] = float(evaluator.state.metrics[self.key_metric])
+
+    def forget(self) -> None:
+        """Drop the values recorded since the last :meth:`take`."""
+        self.pending = {}
+
+    def take(self, best: float | None) -> tuple[str | None, float] | None:
+        """The round's best ``(candidate, value)`` when it improves on ``best``, else ``None``; clears the round."""
+        pending, self.pending = self.pending, {}
+        round_best: tuple[str | None, float] | None = None
+        for name in self.candidates:
+            if name in pending and self.improves(pending[name], None if round_best is None else round_best[1]):
+                round_best = (name, pending[name])
+        if round_best is None or not self.improves(round_best[1], best):
+            return None
+        return round_best
+
+
 class CheckpointHandler:
     """Best and last checkpoints of a trainer, and exact resume from the last one.
 
@@ -217,8 +278,7 @@ class CheckpointHandler:
         best_name: str = "model.pt",
         last_name: str = "last.pt",
     ) -> None:
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self._tracker = BestTracker(key_metric, mode)
         if save_interval < 1:
             raise ValueError(f"save_interval must be >= 1, got {save_interval}")
         clash = sorted(set(extra_modules or {}) & _RESERVED)
@@ -243,7 +303,6 @@ class CheckpointHandler:
         self.best_path = self.output_dir / best_name
         self.last_path = self.output_dir / last_name
         self.best: dict[str, Any] = {"metric": key_metric, "value": None, "epoch": None}
-        self._pending_metric: float | None = None
         self._last_saved_iteration: int | None = None
         self._registered = False
         self._pending_rng: dict[str, Any] | None = None
@@ -272,12 +331,11 @@ class CheckpointHandler:
             self._registered = True
 
     def _on_validated(self, evaluator) -> None:
-        if self.key_metric in evaluator.state.metrics:
-            self._pending_metric = float(evaluator.state.metrics[self.key_metric])
+        self._tracker.record(evaluator)
 
     def _on_epoch_started(self, engine) -> None:
         # a validation at start measured the weights before this run's training: it selects nothing
-        self._pending_metric = None
+        self._tracker.forget()
         # STARTED handlers after the restore (a validation at start creates a DataLoader iterator, which draws
         # from torch's RNG) would shift the random streams; the saved run drew its next epoch from this state
         if self._pending_rng is not None:
@@ -285,8 +343,9 @@ class CheckpointHandler:
             self._pending_rng = None
 
     def _consider_best(self, engine) -> None:
-        value, self._pending_metric = self._pending_metric, None
-        if value is not None and self._improves(value):
+        selected = self._tracker.take(self.best["value"])
+        if selected is not None:
+            value = selected[1]
             self.best = {
                 "metric": self.key_metric,
                 "value": value,
@@ -316,12 +375,6 @@ class CheckpointHandler:
             self.save_final(engine)
         if self._last_saved_iteration != engine.state.iteration:
             self.save_last(engine)
-
-    def _improves(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        old = self.best["value"]
-        return old is None or (value < old if self.mode == "min" else value > old)
 
     # ---------------------------------------------------------------------------------------------- save
 
@@ -515,8 +568,7 @@ class BestOfCheckpoint:
         final_network: torch.nn.Module | None = None,
     ) -> None:
         _check_names(networks, evaluators)
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self._tracker = BestTracker(key_metric, mode, list(networks))
         if final is not None and final not in networks:
             raise ValueError(f"final must name a candidate ({', '.join(networks)}), got {final!r}")
         self.final = final if final is not None else next(iter(networks))
@@ -532,14 +584,13 @@ class BestOfCheckpoint:
         self.labels = dict(labels or {})
         self.rank = int(rank)
         self.best: dict[str, Any] = {"metric": key_metric, "value": None, "epoch": None, "network": None}
-        self._pending: dict[str, float] = {}
         self._registered = False
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
         for name, evaluator in self.evaluators.items():
-            evaluator.add_event_handler(Events.COMPLETED, functools.partial(self._on_validated, name))
+            self._tracker.watch(evaluator, name)
         engine.add_event_handler(Events.STARTED, self._on_started)
         engine.add_event_handler(Events.EPOCH_STARTED, self._on_epoch_started)
         engine.add_event_handler(Events.COMPLETED, self._on_completed)
@@ -573,27 +624,14 @@ class BestOfCheckpoint:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._consider)
             self._registered = True
 
-    def _on_validated(self, name: str, evaluator) -> None:
-        if self.key_metric in evaluator.state.metrics:
-            self._pending[name] = float(evaluator.state.metrics[self.key_metric])
-
     def _on_epoch_started(self, engine) -> None:
-        self._pending = {}  # a validation at start measured untrained weights
-
-    def _better(self, value: float, than: float | None) -> bool:
-        if not math.isfinite(value):
-            return False
-        return than is None or (value > than if self.mode == "max" else value < than)
+        self._tracker.forget()  # a validation at start measured untrained weights
 
     def _consider(self, engine) -> None:
-        pending, self._pending = self._pending, {}
-        round_best: tuple[str, float] | None = None
-        for name in self.networks:  # candidate order breaks ties
-            if name in pending and self._better(pending[name], None if round_best is None else round_best[1]):
-                round_best = (name, pending[name])
-        if round_best is None or not self._better(round_best[1], self.best["value"]):
+        selected = self._tracker.take(self.best["value"])
+        if selected is None:
             return
-        name, value = round_best
+        name, value = selected
         self.best = {
             "metric": self.key_metric,
             "value": value,

@@ -11,7 +11,6 @@ All are output handlers (``main_process_only``): under torchrun they are attache
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from medssl.atomic import atomic_save_figure
 from medssl.dist import resolve_rank
+from medssl.handlers.checkpoint import BestTracker
 
 __all__ = [
     "image_grid",
@@ -340,8 +340,7 @@ class BestOverlaySaver:
         pred_key: str = "pred",
         rank: int = 0,
     ) -> None:
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self._tracker = BestTracker(key_metric, mode)
         self.evaluator = evaluator
         self.path = Path(path)
         self.key_metric = key_metric
@@ -372,9 +371,7 @@ class BestOverlaySaver:
         if self.rank != 0 or value is None or trainer.state.iteration == 0 or self._case is None:
             return
         value = float(value)
-        if not math.isfinite(value):
-            return
-        if self.best is not None and not (value > self.best if self.mode == "max" else value < self.best):
+        if not self._tracker.improves(value, self.best):
             return
         self.best = value
         title = f"{self.key_metric} {value:.4f} at iteration {trainer.state.iteration} (first validation case)"

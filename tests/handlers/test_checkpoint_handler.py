@@ -236,3 +236,29 @@ def test_best_of_checkpoint_without_validation_writes_the_chosen_final_weights(t
     with pytest.raises(ValueError, match="final must name a candidate"):
         BestOfCheckpoint(tmp_path / "x.pt", {"teacher": stale}, {"teacher": FakeEvaluator({})}, NET_CONFIG, "mt",
                          final="student")  # fmt: skip
+
+
+def test_best_tracker_picks_the_round_best_in_candidate_order_and_ignores_nan():
+    from medssl.handlers.checkpoint import BestTracker
+
+    tracker = BestTracker("val_loss", "max", ["teacher", "student"])
+    teacher, student = FakeEvaluator({1: 0.5, 2: 0.6, 3: float("nan")}), FakeEvaluator({1: 0.5, 2: 0.7, 3: 0.9})
+    tracker.watch(teacher, "teacher")
+    tracker.watch(student, "student")
+    for ev in (teacher, student):
+        ev.run_for(1)
+    assert tracker.take(None) == ("teacher", 0.5)  # a tie goes to the candidate listed first
+    for ev in (teacher, student):
+        ev.run_for(2)
+    assert tracker.take(0.8) is None and tracker.pending == {}  # no improvement on the best so far; round cleared
+    for ev in (teacher, student):
+        ev.run_for(3)
+    tracker.forget()  # e.g. a validation before training: selects nothing
+    assert tracker.take(None) is None
+    student.run_for(3)
+    teacher.run_for(3)
+    assert tracker.take(0.8) == ("student", 0.9)  # the teacher's NaN never wins
+    low = BestTracker("val_loss", "min")
+    assert low.improves(0.1, 0.2) and not low.improves(0.3, 0.2) and not low.improves(float("inf"), None)
+    with pytest.raises(ValueError, match="'median'"):
+        BestTracker("val_loss", "median")
