@@ -35,7 +35,7 @@ from medssl.atomic import atomic_write_text
 from medssl.dist import resolve_rank
 from medssl.engines.utils import as_bool
 
-__all__ = ["CsvLog", "MetricHistory", "ValidationLog", "PerClassDiceLogger", "RunTensorBoard"]
+__all__ = ["CsvLog", "MetricHistory", "IterationLog", "ValidationLog", "PerClassDiceLogger", "RunTensorBoard"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,62 @@ class MetricHistory:
     read = staticmethod(CsvLog.read)
 
 
-class ValidationLog:
+class IterationLog:
+    """What the validation loggers share: results against the trainer's iteration, in a CSV and TensorBoard.
+
+    The CSV (``iteration`` ordered) drops the rows past the resumed iteration when the run starts (attach
+    :meth:`_on_started` to the trainer's ``STARTED`` after the checkpoint handler's restore); TensorBoard scalars go
+    to the run's shared writer (``summary_writer``, closed by its owner) or to one opened in ``log_dir`` at the first
+    write (closed by :meth:`close`). Subclasses decide what a row holds.
+
+    Args:
+        log_dir: TensorBoard folder (``None``: no TensorBoard unless ``summary_writer``).
+        csv_path: CSV file (``None``: no CSV).
+        append: keep an earlier run's rows (pass the bundle's ``resume``); otherwise the file starts afresh.
+        rank: only rank 0 writes.
+        summary_writer: the run's shared TensorBoard writer (:class:`RunTensorBoard`).
+    """
+
+    main_process_only = True  # logs / writes files: attached on rank 0 only (medssl.engines.distributed)
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike | None = None,
+        csv_path: str | os.PathLike | None = None,
+        append: bool = False,
+        rank: int = 0,
+        summary_writer: Any = None,
+    ) -> None:
+        self.log_dir = None if log_dir is None else Path(log_dir)
+        self.csv_path = None if csv_path is None else Path(csv_path)
+        self._log = None if csv_path is None else CsvLog(csv_path, append, step_column="iteration")
+        self.rank = int(rank)
+        self._writer = summary_writer
+        self._own_writer = summary_writer is None
+
+    def _on_started(self, trainer) -> None:
+        # after the checkpoint handler's restore: rows past the resumed iteration would be logged twice
+        if self.rank == 0 and self._log is not None:
+            self._log.truncate_after("iteration", trainer.state.iteration)
+
+    def _add_scalars(self, values: Mapping[str, float], step: int) -> None:
+        if self.log_dir is None and self._writer is None:
+            return
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.log_dir))
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, value, step)
+        self._writer.flush()
+
+    def close(self, engine=None) -> None:
+        if self._writer is not None and self._own_writer:
+            self._writer.close()
+            self._writer = None
+
+
+class ValidationLog(IterationLog):
     """Log several evaluators' metrics against the trainer's iteration: TensorBoard ``<metric>/<name>`` and a CSV.
 
     A CSV row ``iteration,epoch,<metric>/<name>...`` is written once every evaluator of a round has reported
@@ -151,8 +206,6 @@ class ValidationLog:
         rank: only rank 0 writes.
     """
 
-    main_process_only = True  # logs / writes files: attached on rank 0 only (medssl.engines.distributed)
-
     def __init__(
         self,
         evaluators: Mapping[str, Any],
@@ -166,17 +219,11 @@ class ValidationLog:
     ) -> None:
         if not evaluators:
             raise ValueError("evaluators must name at least one evaluator")
+        super().__init__(log_dir, csv_path, append, rank, summary_writer)
         self.evaluators = dict(evaluators)
         self.metric_names = [metric_names] if isinstance(metric_names, str) else list(metric_names)
-        self.log_dir = None if log_dir is None else Path(log_dir)
-        self.csv_path = None if csv_path is None else Path(csv_path)
-        self._log = None if csv_path is None else CsvLog(csv_path, append, step_column="iteration")
-        self.rank = int(rank)
         self.columns = [f"{m}/{n}" for n in self.evaluators for m in self.metric_names]
         self._trainer = None
-        # a shared writer (the run's one, see medssl.handlers.RunTensorBoard) is closed by its owner
-        self._writer = summary_writer
-        self._own_writer = summary_writer is None
         self._row: dict[str, float] = {}
 
     def attach(self, engine) -> None:
@@ -188,11 +235,6 @@ class ValidationLog:
         engine.add_event_handler(Events.STARTED, self._on_started)
         engine.add_event_handler(Events.COMPLETED, self.close)
 
-    def _on_started(self, engine) -> None:
-        # after the checkpoint handler's restore: rows past the resumed iteration would be logged twice
-        if self.rank == 0 and self._log is not None:
-            self._log.truncate_after("iteration", engine.state.iteration)
-
     def _on_validated(self, name: str, evaluator) -> None:
         if self.rank != 0 or self._trainer is None:
             return
@@ -200,14 +242,7 @@ class ValidationLog:
         values = {
             f"{m}/{name}": float(evaluator.state.metrics[m]) for m in self.metric_names if m in evaluator.state.metrics
         }
-        if self.log_dir is not None or self._writer is not None:
-            if self._writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(log_dir=str(self.log_dir))
-            for tag, value in values.items():
-                self._writer.add_scalar(tag, value, step)
-            self._writer.flush()
+        self._add_scalars(values, step)
         self._row.update(values)
         if all(c in self._row for c in self.columns):
             self._write_row(step, int(self._trainer.state.epoch))
@@ -218,11 +253,6 @@ class ValidationLog:
             self._log.append(
                 ["iteration", "epoch", *self.columns], [iteration, epoch, *(self._row[c] for c in self.columns)]
             )
-
-    def close(self, engine=None) -> None:
-        if self._writer is not None and self._own_writer:
-            self._writer.close()
-            self._writer = None
 
     read = staticmethod(CsvLog.read)
 
@@ -235,7 +265,7 @@ def _as_numpy(x: Any) -> np.ndarray:
     return x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float32)
 
 
-class PerClassDiceLogger:
+class PerClassDiceLogger(IterationLog):
     """Log a per-class Dice vector of the evaluator after every validation, against the trainer's iteration.
 
     Args:
@@ -260,8 +290,6 @@ class PerClassDiceLogger:
         ValueError: (at a validation) the vector's length does not match the class names.
     """
 
-    main_process_only = True  # logs / writes files: attached on rank 0 only (medssl.engines.distributed)
-
     def __init__(
         self,
         evaluator: Any,
@@ -276,19 +304,13 @@ class PerClassDiceLogger:
         rank: int = 0,
         summary_writer: Any = None,
     ) -> None:
+        super().__init__(log_dir, csv_path, append, rank, summary_writer)
         self.evaluator = evaluator
         self.class_names = {int(k): str(v) for k, v in class_names.items()}
         self.metric_name = metric_name
         self.mean_name = mean_name
         self.extra_names = [str(n) for n in extra_names]
         self.include_background = as_bool(include_background, "include_background")
-        self.log_dir = log_dir
-        self.csv_path = Path(csv_path) if csv_path is not None else None
-        self._log = CsvLog(csv_path, append, step_column="iteration") if csv_path is not None else None
-        self.rank = rank
-        # a shared writer (the run's one, see medssl.handlers.RunTensorBoard) is closed by its owner
-        self.writer = summary_writer
-        self._own_writer = summary_writer is None
         self.history: list[dict[str, float]] = []
 
     def attach(self, trainer) -> None:
@@ -297,11 +319,6 @@ class PerClassDiceLogger:
         self.evaluator.add_event_handler(Events.COMPLETED, lambda ev: self.log(trainer, ev))
         trainer.add_event_handler(Events.STARTED, self._on_started)
         trainer.add_event_handler(Events.COMPLETED, self.close)
-
-    def _on_started(self, trainer) -> None:
-        # after the checkpoint handler's restore: rows past the resumed iteration would be logged twice
-        if self.rank == 0 and self._log is not None:
-            self._log.truncate_after("iteration", trainer.state.iteration)
 
     def per_class(self, evaluator) -> dict[str, float]:
         """``{class name: Dice}`` of the last validation (``nan`` for a class absent from every case)."""
@@ -330,22 +347,10 @@ class PerClassDiceLogger:
         self.history.append(row)
         head = "".join(f"{n} {row[n]:.4f}; " for n in scalars if n in row)
         logger.info(f"validation at iteration {step}: {head}" + ", ".join(f"{n} {v:.4f}" for n, v in dice.items()))
-        if self.log_dir is not None or self.writer is not None:
-            if self.writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(log_dir=str(self.log_dir))
-            for name, value in row.items():
-                if name not in ("iteration", "epoch") and math.isfinite(value):
-                    self.writer.add_scalar(name, value, step)
-            self.writer.flush()
+        finite = {k: v for k, v in row.items() if k not in ("iteration", "epoch") and math.isfinite(v)}
+        self._add_scalars(finite, step)
         if self._log is not None:
             self._log.append(list(row), list(row.values()))
-
-    def close(self, engine=None) -> None:
-        if self.writer is not None and self._own_writer:
-            self.writer.close()
-            self.writer = None
 
 
 class RunTensorBoard:
