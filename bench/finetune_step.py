@@ -71,8 +71,8 @@ def _medssl_step(
     from ignite.engine import Events
     from monai.losses import DiceCELoss
 
-    from medssl.engines.guards import NonFiniteLossGuard
     from medssl.engines.supervised import SupervisedSegTrainer
+    from medssl.handlers import NonFiniteLossGuard
     from medssl.networks.attention import use_fused_attention
     from medssl.networks.patch_conv import use_patch_matmul
 

@@ -78,8 +78,8 @@ def _medssl_step(
     import torch
     from ignite.engine import Events
 
-    from medssl.engines.guards import NonFiniteLossGuard
     from medssl.engines.ssl import TwoViewSSLTrainer
+    from medssl.handlers import NonFiniteLossGuard
     from medssl.losses.ssl import ReconstructionContrastiveLoss
     from medssl.networks.attention import use_fused_attention
     from medssl.networks.patch_conv import use_patch_matmul

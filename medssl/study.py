@@ -309,7 +309,7 @@ def _threads(cfg: StudyConfig, jobs: int | None = None) -> int:
 
 
 def _last_progress(log_path: Path) -> str | None:
-    """The newest ``medssl-progress`` line of a running cell's log (see ``medssl.engines.handlers.ProgressBar``)."""
+    """The newest ``medssl-progress`` line of a running cell's log (see ``medssl.handlers.ProgressBar``)."""
     try:
         with open(log_path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))

@@ -13,8 +13,12 @@
 - :class:`DistributedDataLoader` is a MONAI ``DataLoader`` that gives each rank its shard (``DistributedSampler``;
   training: ``even_divisible=True``, every rank runs the same number of iterations; validation:
   ``even_divisible=False``, every case once, MONAI's metrics all-gather the results).
-- :func:`main_process_only` drops logging / TensorBoard / CSV / image / progress handlers on ranks > 0 (also
-  those already attached to the evaluators of ``ValidationHandler``), keeping everything that changes training.
+- :func:`main_process_only` drops the output handlers (logging / TensorBoard / CSV / image / progress) on ranks > 0
+  (also those already attached to the evaluators of ``ValidationHandler``), keeping everything that changes
+  training. A handler declares itself an output handler with the class attribute ``main_process_only = True``;
+  MONAI's own are known by type (:data:`MONAI_OUTPUT_HANDLERS`).
+
+Rank, world size and the gathers come from the leaf :mod:`medssl.dist`, which handlers and losses import too.
 - :func:`run` trains and always leaves the process group (``destroy_process_group``), also when training raises.
 
 Gradient averaging: DDP all-reduces the mean of the ranks' gradients, so a step of ``N`` ranks with ``b`` samples
@@ -39,13 +43,10 @@ import numpy as np
 import torch
 from monai.data import DataLoader
 
+from medssl.dist import get_rank, get_world_size, is_distributed, is_main_process
 from medssl.errors import ConfigError
 
 __all__ = [
-    "is_distributed",
-    "get_rank",
-    "get_world_size",
-    "is_main_process",
     "init_distributed",
     "idle_parameters",
     "wrap_ddp",
@@ -54,30 +55,11 @@ __all__ = [
     "seed_by_rank",
     "DistributedDataLoader",
     "main_process_only",
-    "output_handler_types",
+    "is_output_handler",
+    "MONAI_OUTPUT_HANDLERS",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def is_distributed() -> bool:
-    """``True`` when a process group is initialised (with any world size)."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def get_rank() -> int:
-    """This process's rank, 0 without a process group."""
-    return torch.distributed.get_rank() if is_distributed() else 0
-
-
-def get_world_size() -> int:
-    """The number of processes, 1 without a process group."""
-    return torch.distributed.get_world_size() if is_distributed() else 1
-
-
-def is_main_process() -> bool:
-    """Rank 0 (or no process group): the process that logs and writes files."""
-    return get_rank() == 0
 
 
 def _launched_by_torchrun() -> bool:
@@ -319,43 +301,43 @@ class DistributedDataLoader(DataLoader):
 # --------------------------------------------------------------------------------------------------- handlers
 
 
-def output_handler_types() -> tuple[type, ...]:
-    """Handler classes that only log or write files: attached on rank 0 only by :func:`main_process_only`."""
+#: MONAI's own handlers that only log or write files; they cannot carry medssl's ``main_process_only`` attribute.
+MONAI_OUTPUT_HANDLERS = (
+    "StatsHandler",
+    "TensorBoardStatsHandler",
+    "TensorBoardImageHandler",
+    "CheckpointSaver",
+    "MetricsSaver",
+    "ClassificationSaver",
+    "MLFlowHandler",
+    "ClearMLStatsHandler",
+    "ClearMLImageHandler",
+)
+
+
+def is_output_handler(handler: Any) -> bool:
+    """Whether ``handler`` (an instance or a class) only logs or writes files, i.e. belongs on rank 0 only.
+
+    A handler says so itself with the class attribute ``main_process_only = True`` (every output handler in
+    :mod:`medssl.handlers` does); MONAI's output handlers are recognised by type (:data:`MONAI_OUTPUT_HANDLERS`).
+    """
     import monai.handlers as mh
 
-    from medssl.engines import handlers, mt_handlers, seg_handlers
+    cls = handler if isinstance(handler, type) else type(handler)
+    if getattr(cls, "main_process_only", False) is True:
+        return True
+    monai_types = tuple(getattr(mh, n) for n in MONAI_OUTPUT_HANDLERS if hasattr(mh, n))
+    return issubclass(cls, monai_types)
 
-    names = (
-        "StatsHandler",
-        "TensorBoardStatsHandler",
-        "TensorBoardImageHandler",
-        "CheckpointSaver",
-        "MetricsSaver",
-        "ClassificationSaver",
-        "MLFlowHandler",
-        "ClearMLStatsHandler",
-        "ClearMLImageHandler",
-    )
-    monai_types = tuple(getattr(mh, n) for n in names if hasattr(mh, n))
-    return (
-        *monai_types,
-        handlers.MetricHistory,
-        handlers.ImageGridSaver,
-        handlers.TensorBoardImageGrid,
-        handlers.RunTensorBoard,
-        handlers.ProgressBar,
-        seg_handlers.PerClassDiceLogger,
-        seg_handlers.BestOverlaySaver,
-        mt_handlers.ValidationLog,
-        mt_handlers.BestOfCheckpoint,
-    )
+
+def _unwrap(func: Callable) -> Any:
+    parent = getattr(func, "_parent", None)  # ignite wraps filtered handlers (every=N) and keeps a weakref
+    return parent() if parent is not None else func
 
 
 def _owner(func: Callable) -> Any:
-    parent = getattr(func, "_parent", None)  # ignite wraps filtered handlers (every=N) and keeps a weakref
-    if parent is not None:
-        func = parent()
-    return getattr(func, "__self__", func)
+    """The object a registered event handler belongs to (the handler instance of a bound method)."""
+    return getattr(_unwrap(func), "__self__", _unwrap(func))
 
 
 def _discard_tensorboard_files(handler: Any) -> None:
@@ -370,27 +352,28 @@ def _discard_tensorboard_files(handler: Any) -> None:
             Path(name).unlink()
 
 
-def _detach(engine: Any, types: tuple[type, ...]) -> None:
-    """Remove the event handlers of ``engine`` that belong to instances of ``types``."""
-    dropped = []
+def _detach(engine: Any) -> None:
+    """Remove the event handlers of ``engine`` that belong to output handlers (:func:`is_output_handler`).
+
+    ignite has no public way to list an engine's handlers, so the list is read from ``engine._event_handlers``;
+    the removal goes through the public ``remove_event_handler``.
+    """
+    dropped = {}
     for event, entries in list(engine._event_handlers.items()):
-        kept = []
-        for entry in entries:
-            owner = _owner(entry[0])
-            if isinstance(owner, types):
-                dropped.append(owner)
-            else:
-                kept.append(entry)
-        engine._event_handlers[event] = kept
-    for handler in {id(h): h for h in dropped}.values():
+        for func in {id(f): f for f in (_unwrap(entry[0]) for entry in entries)}.values():
+            owner = getattr(func, "__self__", func)
+            if func is not None and is_output_handler(owner):
+                engine.remove_event_handler(func, event)
+                dropped[id(owner)] = owner
+    for handler in dropped.values():
         _discard_tensorboard_files(handler)
 
 
 def main_process_only(handlers: Sequence[Any]) -> list[Any]:
     """The trainer's handlers for this rank: all of them on rank 0; on ranks > 0 those that affect training only.
 
-    Dropped on ranks > 0: the :func:`output_handler_types` (stats, TensorBoard, CSV, images, progress bar, best-model
-    files). Kept everywhere: checkpoint restore/saving (:class:`~medssl.engines.handlers.CheckpointHandler` writes
+    Dropped on ranks > 0: the output handlers (:func:`is_output_handler`: stats, TensorBoard, CSV, images, progress
+    bar, best-model files). Kept everywhere: checkpoint restore/saving (:class:`~medssl.handlers.CheckpointHandler` writes
     on rank 0 only), the NaN guard, LR schedules, stop conditions, BatchNorm recalibration and the
     ``ValidationHandler`` (validation is distributed: every rank evaluates its shard and the metrics all-gather);
     the output handlers already attached to those validators are removed from them here as well. TensorBoard
@@ -401,15 +384,14 @@ def main_process_only(handlers: Sequence[Any]) -> list[Any]:
     handlers = list(handlers)
     if is_main_process():
         return handlers
-    types = output_handler_types()
     from monai.handlers import ValidationHandler
 
     kept = []
     for h in handlers:
-        if isinstance(h, types):
+        if is_output_handler(h):
             _discard_tensorboard_files(h)
             continue
         if isinstance(h, ValidationHandler) and h.validator is not None:
-            _detach(h.validator, types)
+            _detach(h.validator)
         kept.append(h)
     return kept

@@ -345,7 +345,7 @@ class S5CLTrainer(SupervisedTrainer):
     ``engine.state.pseudo_label_switch_step`` is the first step that used pseudo-labels (``None`` before; also
     right after a resume past the switch).
 
-    Resume: with ``engine.state.iteration`` restored (e.g. by :class:`medssl.engines.handlers.CheckpointHandler`),
+    Resume: with ``engine.state.iteration`` restored (e.g. by :class:`medssl.handlers.CheckpointHandler`),
     the next step repositions the labeled stream by skipping indices (no loading, no RNG draw; with loader workers
     the skipped batches are loaded and dropped, which keeps the workers' transform streams aligned). Not exact: a
     labeled loader without ``len()`` (restarts a pass), and an ``epoch_length`` shorter than the unlabeled loader

@@ -6,43 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
-from medssl.losses.supcon import SupConLoss
+from medssl.dist import gather_with_grad
 
-__all__ = ["NTXentLoss", "SupConLoss", "gather_with_grad"]
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0 whose backward returns to each rank the gradient of its own part summed over ranks."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        dist = torch.distributed
-        ctx.rank, ctx.world, ctx.n = dist.get_rank(), dist.get_world_size(), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(ctx.world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        # every rank's loss used every rank's part: rank r's part receives the sum of all ranks' gradients for it
-        grad = grad.contiguous()
-        torch.distributed.all_reduce(grad)
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (B, ...) from all ranks along dim 0, keeping autograd for every rank's part.
-
-    The backward pass all-reduces (sums) the gradient of the gathered tensor and hands each rank the slice of its
-    own part, so with DDP's averaging a step equals one process holding the whole batch (unlike
-    ``torch.distributed.all_gather``, whose outputs carry no gradient). Every rank must pass the same shape.
-    Without an initialised process group (or with one rank) this returns ``x``.
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return x
-    if torch.distributed.get_world_size() == 1:
-        return x
-    return _GatherWithGrad.apply(x)
+__all__ = ["NTXentLoss"]
 
 
 class NTXentLoss(_Loss):

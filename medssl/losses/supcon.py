@@ -6,17 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
+from medssl.dist import gather, gather_with_grad, is_distributed
+
 __all__ = ["SupConLoss"]
-
-
-def _gather_labels(labels: torch.Tensor) -> torch.Tensor:
-    # labels need no gradient; plain all_gather (equal sizes on every rank, as for the embeddings)
-    world = torch.distributed.get_world_size()
-    if world == 1:
-        return labels
-    out = [torch.empty_like(labels) for _ in range(world)]
-    torch.distributed.all_gather(out, labels.contiguous())
-    return torch.cat(out, dim=0)
 
 
 class SupConLoss(_Loss):
@@ -101,15 +93,11 @@ class SupConLoss(_Loss):
 
         # similarities in fp32: small temperatures in bf16 lose the ranking of close negatives
         z = F.normalize(features.float(), dim=-1)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if self.gather_distributed and distributed:
-            # imported here: medssl.losses.contrastive re-exports this class
-            from medssl.losses.contrastive import gather_with_grad
-
+        if self.gather_distributed and is_distributed():
             # one gather per view, concatenated like NT-Xent's: gloo's backward of all_gather needs contiguous
             # gradients, which a transpose of one gathered (N, V, F) tensor would not give
             per_view = [gather_with_grad(z[:, k].contiguous()) for k in range(v)]
-            all_labels = _gather_labels(labels)
+            all_labels = gather(labels)
             rank = torch.distributed.get_rank() if per_view[0].shape[0] != n else 0
         else:
             per_view, all_labels, rank = [z[:, k] for k in range(v)], labels, 0

@@ -11,7 +11,7 @@ import torch
 
 from medssl.checkpoint import build_network, load_checkpoint
 from medssl.data.phantoms import BTCV_LABELS
-from medssl.engines.handlers import MetricHistory
+from medssl.handlers import MetricHistory
 from tests.bundles.bundle_helpers import overrides as bundle_overrides
 from tests.bundles.bundle_helpers import tensorboard_scalars
 
@@ -184,7 +184,7 @@ def test_logged_dice_matches_a_naive_recomputation(tiny_run, tiny_ct):
 def test_per_class_logger_rejects_a_vector_of_the_wrong_length():
     from types import SimpleNamespace
 
-    from medssl.engines.seg_handlers import PerClassDiceLogger
+    from medssl.handlers import PerClassDiceLogger
 
     logger = PerClassDiceLogger(evaluator=None, class_names=BTCV_LABELS)
     evaluator = SimpleNamespace(state=SimpleNamespace(metrics={"val_dice_per_class": torch.zeros(12)}))
@@ -195,7 +195,7 @@ def test_per_class_logger_rejects_a_vector_of_the_wrong_length():
 
 
 def test_overlay_slices_show_the_labelled_region():
-    from medssl.engines.seg_handlers import overlay_slices, save_overlay_png
+    from medssl.handlers.images import overlay_slices, save_overlay_png
 
     ref = np.zeros((8, 8, 20), dtype=int)
     ref[2:5, 2:5, 10:14] = 3

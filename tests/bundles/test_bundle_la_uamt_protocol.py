@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medssl.checkpoint import load_checkpoint
-from medssl.engines.mt_handlers import ValidationLog
+from medssl.handlers import ValidationLog
 from medssl.inference.window import overlap_for_stride
 from tests.bundles.bundle_helpers import overrides
 

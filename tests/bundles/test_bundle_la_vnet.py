@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medssl.checkpoint import build_network, load_checkpoint
-from medssl.engines.handlers import MetricHistory
+from medssl.handlers import MetricHistory
 from tests.bundles.bundle_helpers import overrides as bundle_overrides
 from tests.bundles.bundle_helpers import tensorboard_scalars
 

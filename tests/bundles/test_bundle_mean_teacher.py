@@ -12,7 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from medssl.checkpoint import build_network, load_checkpoint, save_checkpoint
-from medssl.engines.mt_handlers import BatchNormRecalibration, BestOfCheckpoint, StopAtIteration, ValidationLog
+from medssl.handlers import BatchNormRecalibration, BestOfCheckpoint, StopAtIteration, ValidationLog
 from medssl.losses.consistency import ConsistencyWeight
 from tests.bundles.bundle_helpers import overrides as bundle_overrides
 from tests.bundles.bundle_helpers import tensorboard_scalars

@@ -40,13 +40,15 @@ def samples(n: int) -> dict[str, torch.Tensor]:
 
 
 def main(mode: str, out: Path) -> int:
+    from medssl import dist
     from medssl.engines import distributed
-    from medssl.engines.guards import NonFiniteLossError, NonFiniteLossGuard
     from medssl.engines.ssl import TwoViewSSLTrainer
+    from medssl.handlers import NonFiniteLossGuard
+    from medssl.handlers.guards import NonFiniteLossError
     from medssl.losses.ssl import ReconstructionContrastiveLoss
 
     device = distributed.init_distributed("cpu")
-    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rank, world = dist.get_rank(), dist.get_world_size()
     net = tiny_vit()
     data = samples(PER_RANK * world)
     mine = {k: v[rank * PER_RANK : (rank + 1) * PER_RANK] for k, v in data.items()}

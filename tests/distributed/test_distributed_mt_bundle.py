@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from medssl.checkpoint import build_network, load_checkpoint
-from medssl.engines.handlers import CsvLog
+from medssl.handlers.metrics import CsvLog
 
 
 def test_mean_teacher_two_ranks(la_phantom, tmp_path, torchrun_bundle, event_pids):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medssl.checkpoint import build_network, load_checkpoint
-from medssl.engines.handlers import MetricHistory
+from medssl.handlers import MetricHistory
 
 TRAINER_DONE = "TwoViewSSLTrainer - INFO - Epoch[1] Complete"
 

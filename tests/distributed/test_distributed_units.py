@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medssl import dist
 from medssl.engines import distributed
 
 
@@ -12,8 +13,8 @@ def test_without_torchrun_everything_is_a_single_process(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     assert distributed.init_distributed("cpu") == torch.device("cpu")
-    assert not distributed.is_distributed()
-    assert (distributed.get_rank(), distributed.get_world_size(), distributed.is_main_process()) == (0, 1, True)
+    assert not dist.is_distributed()
+    assert (dist.get_rank(), dist.get_world_size(), dist.is_main_process()) == (0, 1, True)
     net = torch.nn.Linear(2, 2)
     assert distributed.wrap_ddp(net, "cpu") is net
 
@@ -62,8 +63,7 @@ def test_ranks_above_zero_keep_only_the_handlers_that_change_training(tmp_path, 
     from monai.engines import SupervisedEvaluator
     from monai.handlers import MeanAbsoluteError, StatsHandler, TensorBoardStatsHandler, ValidationHandler, from_engine
 
-    from medssl.engines.guards import NonFiniteLossGuard
-    from medssl.engines.handlers import CheckpointHandler, MetricHistory, ProgressBar
+    from medssl.handlers import CheckpointHandler, MetricHistory, NonFiniteLossGuard, ProgressBar
 
     net = torch.nn.Conv3d(1, 1, 1)
     evaluator = SupervisedEvaluator(

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from medssl.losses.contrastive import NTXentLoss, SupConLoss
+from medssl.losses.contrastive import NTXentLoss
+from medssl.losses.supcon import SupConLoss
 
 
 def naive_supcon(features: torch.Tensor, labels: list[int] | None, t: float) -> torch.Tensor:

@@ -267,7 +267,7 @@ def _kill_and_resume(case: Case, repo_root: Path, dataset_dir: Path, tmp_path: P
     # equal weights alone would also follow from restarting from scratch: some attempt must have resumed from a
     # saved epoch and then completed training epochs
     text = log.read_text(errors="replace")
-    attempts = text.split("medssl.engines.handlers - INFO - resume")[1:]
+    attempts = text.split("medssl.handlers.checkpoint - INFO - resume")[1:]
     assert any(
         re.match(r"d from \S+ at epoch [1-9]", a) and f"{case.trainer} - INFO - Epoch[" in a for a in attempts
     ), "no attempt resumed from a checkpoint and trained on"

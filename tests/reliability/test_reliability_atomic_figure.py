@@ -47,7 +47,7 @@ def test_figure_is_written_whole_and_a_failed_save_keeps_the_previous_file(tmp_p
 def test_image_grid_writer_leaves_only_the_png(tmp_path):
     import numpy as np
 
-    from medssl.engines.handlers import save_image_grid
+    from medssl.handlers.images import save_image_grid
 
     out = save_image_grid(tmp_path / "grid.png", {"a": np.random.rand(1, 8, 8, 8), "b": np.random.rand(1, 8, 8, 8)})
     assert out.read_bytes().startswith(PNG_MAGIC)

@@ -7,8 +7,8 @@ import torch
 from ignite.engine import Engine
 
 from medssl.checkpoint import save_checkpoint
-from medssl.engines.handlers import CheckpointHandler
 from medssl.errors import CheckpointError
+from medssl.handlers import CheckpointHandler
 
 NET_CONFIG = {"_target_": "torch.nn.Linear", "in_features": 4, "out_features": 1}
 

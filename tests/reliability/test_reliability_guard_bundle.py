@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from medssl.checkpoint import load_checkpoint
-from medssl.engines.guards import NonFiniteLossError
+from medssl.handlers.guards import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = [str(REPO / "bundles" / "ssl_pretrain.yaml"), str(REPO / "bundles" / "tiny.yaml")]
-GUARD = {"_target_": "medssl.engines.guards.NonFiniteLossGuard", "output_dir": "@output_dir"}
+GUARD = {"_target_": "medssl.handlers.NonFiniteLossGuard", "output_dir": "@output_dir"}
 
 
 class _PoisonAt:
@@ -108,7 +108,7 @@ def test_every_training_bundle_is_listed():
 def test_every_training_bundle_hands_the_nan_guard_to_its_trainer(name, overlays):
     from monai.bundle import ConfigParser
 
-    from medssl.engines.distributed import output_handler_types
+    from medssl.engines.distributed import is_output_handler
 
     parser = ConfigParser()
     parser.read_config([str(REPO / "bundles" / f) for f in TRAINING_BUNDLES[name] + overlays])
@@ -119,7 +119,7 @@ def test_every_training_bundle_hands_the_nan_guard_to_its_trainer(name, overlays
     assert GUARD in parser["train"]["handlers"], f"{name}: no NonFiniteLossGuard in train#handlers {targets}"
     # the guard sits right before the checkpoint handler, so on any shared event it fires before a save
     guard = targets.index(GUARD["_target_"])
-    assert targets[guard + 1] == "medssl.engines.handlers.CheckpointHandler", targets
-    from medssl.engines.guards import NonFiniteLossGuard
+    assert targets[guard + 1] == "medssl.handlers.CheckpointHandler", targets
+    from medssl.handlers import NonFiniteLossGuard
 
-    assert not issubclass(NonFiniteLossGuard, output_handler_types())
+    assert not is_output_handler(NonFiniteLossGuard)

@@ -8,9 +8,9 @@ from ignite.engine import Engine
 from monai.engines import SupervisedTrainer
 
 from medssl.checkpoint import load_checkpoint
-from medssl.engines.guards import NonFiniteLossError, NonFiniteLossGuard, loss_parts
-from medssl.engines.handlers import CheckpointHandler
 from medssl.errors import MedsslError
+from medssl.handlers import CheckpointHandler, NonFiniteLossGuard
+from medssl.handlers.guards import NonFiniteLossError, loss_parts
 
 NET_CONFIG = {"_target_": "torch.nn.Linear", "in_features": 4, "out_features": 1}
 

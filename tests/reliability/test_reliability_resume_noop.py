@@ -14,7 +14,7 @@ from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 
 from medssl.checkpoint import load_checkpoint
-from medssl.engines.handlers import CheckpointHandler
+from medssl.handlers import CheckpointHandler
 
 NET_CONFIG = {"_target_": "torch.nn.Linear", "in_features": 4, "out_features": 1}
 

@@ -16,8 +16,8 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, RandGaussianNoised
 
 from medssl.checkpoint import load_checkpoint
-from medssl.engines.handlers import CheckpointHandler
 from medssl.engines.s5cl import S5CLTrainer
+from medssl.handlers import CheckpointHandler
 from medssl.networks.s5cl import S5CLClassifier
 
 SIZE = 8

@@ -1,22 +1,17 @@
-"""Validation handlers of the segmentation bundles: per-class Dice in TensorBoard / CSV / log, best-model overlays.
+"""Image handlers: PNG and TensorBoard pictures of a run's inputs, views and predictions.
 
-Both attach to the **trainer** and listen to its evaluator, because validations run every N iterations and are
-logged against the trainer's iteration (the evaluator itself only knows the trainer's epoch).
-
-- :class:`PerClassDiceLogger`: the per-class vector of a MONAI ``MeanDice(reduction="mean_batch")`` metric as
-  one scalar per class (``val_dice/<class name>``) plus the mean, in TensorBoard, a CSV and one log line; other
-  scalar metrics ride along (BTCV: ``val_mean_dice_tutorial``, the MONAI UNETR tutorial's include-background mean,
-  beside the foreground mean ``val_mean_dice`` that selects the model).
-- :class:`BestOverlaySaver`: a PNG of axial slices of the first validation case (image, reference, prediction
+- :func:`image_grid` / :func:`save_image_grid`: axial slices of several volumes tiled in rows.
+- :class:`ImageGridSaver` (a PNG of the first batch, e.g. clean / view 1 / view 2) and
+  :class:`TensorBoardImageGrid` (every N epochs).
+- :func:`save_overlay_png` and :class:`BestOverlaySaver`: the first validation case (image, reference, prediction
   as coloured overlays) each time the key metric improves, i.e. for the checkpoint saved as ``model.pt``.
+
+All are output handlers (``main_process_only``): under torchrun they are attached on rank 0 only.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,135 +20,195 @@ import numpy as np
 import torch
 
 from medssl.atomic import atomic_save_figure
-from medssl.engines.handlers import CsvLog
+from medssl.dist import resolve_rank
+from medssl.handlers.checkpoint import BestTracker
 
-__all__ = ["PerClassDiceLogger", "BestOverlaySaver", "save_overlay_png", "overlay_slices"]
-
-logger = logging.getLogger(__name__)
-
-
-def _tag(name: str) -> str:
-    return re.sub(r"[^0-9A-Za-z_.-]+", "_", name.strip()) or "unnamed"
-
-
-def _as_numpy(x: Any) -> np.ndarray:
-    return x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float32)
+__all__ = [
+    "image_grid",
+    "save_image_grid",
+    "ImageGridSaver",
+    "TensorBoardImageGrid",
+    "overlay_slices",
+    "save_overlay_png",
+    "BestOverlaySaver",
+]
 
 
-class PerClassDiceLogger:
-    """Log a per-class Dice vector of the evaluator after every validation, against the trainer's iteration.
+def image_grid(rows: Mapping[str, torch.Tensor | np.ndarray], num_slices: int = 4) -> np.ndarray:
+    """Tile axial slices: one row per entry, ``num_slices`` evenly spaced slices along the last axis.
 
     Args:
-        evaluator: the validation engine; its ``state.metrics[metric_name]`` is a vector with one Dice per
-            class (``MeanDice(include_background=False, reduction="mean_batch")`` → classes 1..C-1).
-        class_names: label index → name (e.g. the datalist's ``labels``).
-        metric_name: the per-class metric.
-        mean_name: a scalar metric logged alongside (the key metric, e.g. ``val_mean_dice``); skipped if absent.
-        extra_names: more scalar metrics of the evaluator logged after the mean (a CSV column, a TensorBoard
-            scalar and a log entry each), e.g. ``["val_mean_dice_tutorial"]``: MONAI ``MeanDice(include_background=
-            True, reduction="mean")``, the number the MONAI BTCV UNETR tutorial publishes (computed here on the
-            bundle's validation inference, i.e. its ``sw_overlap``; the tutorial's is 0.25); skipped if absent.
-        include_background: whether the vector starts at class 0.
-        log_dir: TensorBoard folder (``None``: no TensorBoard).
-        csv_path: CSV with ``iteration, epoch, <mean_name>, <extra_names>..., val_dice/<class>...`` (``None``: no
-            CSV).
-        append: keep an earlier run's CSV rows (the bundle's ``resume``).
-        summary_writer: the run's shared TensorBoard writer (instead of ``log_dir``; not closed here).
-        rank: only rank 0 writes.
+        rows: name → volume of shape (C, H, W, D) or (H, W, D) (first channel shown); all the same shape.
+        num_slices: slices per row.
 
-    Raises:
-        ValueError: (at a validation) the vector's length does not match the class names.
+    Returns:
+        a float32 array (rows*H, num_slices*W) in [0, 1], each row scaled by its own min/max.
     """
+    if not rows:
+        raise ValueError("rows must not be empty")
+    tiles = []
+    for name, vol in rows.items():
+        v = vol.detach().float().cpu().numpy() if torch.is_tensor(vol) else np.asarray(vol, dtype=np.float32)
+        if v.ndim == 4:
+            v = v[0]
+        if v.ndim != 3:
+            raise ValueError(f"row {name!r}: expected (C, H, W, D) or (H, W, D), got shape {v.shape}")
+        depth = v.shape[-1]
+        idx = np.linspace(0, depth - 1, num_slices + 2)[1:-1].round().astype(int) if depth > 1 else [0] * num_slices
+        lo, hi = float(v.min()), float(v.max())
+        v = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
+        # rotate so anterior is up for RAS volumes
+        tiles.append(np.concatenate([np.rot90(v[..., i]) for i in idx], axis=1))
+    if len({t.shape for t in tiles}) != 1:
+        raise ValueError(f"rows differ in shape: { {k: tuple(np.shape(v)) for k, v in rows.items()} }")
+    return np.concatenate(tiles, axis=0).astype(np.float32)
+
+
+def save_image_grid(path: str | os.PathLike, rows: Mapping[str, Any], num_slices: int = 4, dpi: int = 100) -> Path:
+    """Write :func:`image_grid` as a PNG with the row names on the left; returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    grid = image_grid(rows, num_slices)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(max(4.0, 2.0 * num_slices), max(2.0, 2.0 * n)), dpi=dpi)
+    ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0)
+    h = grid.shape[0] / n
+    ax.set_yticks([h * (i + 0.5) for i in range(n)], list(rows))
+    ax.set_xticks([])
+    fig.tight_layout()
+    try:
+        atomic_save_figure(fig, path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _first_item(x: Any) -> Any:
+    return x[0] if torch.is_tensor(x) or isinstance(x, (list, tuple, np.ndarray)) else x
+
+
+class ImageGridSaver:
+    """Save a PNG of the first batch item's ``keys`` (e.g. clean / view 1 / view 2) at the first iteration.
+
+    Args:
+        path: the PNG.
+        keys: batch keys, one row each (row label = ``names`` or the key).
+        names: row labels.
+        num_slices: axial slices per row.
+        source: ``"batch"`` (``engine.state.batch``) or ``"output"`` (``engine.state.output``).
+    """
+
+    main_process_only = True  # logs / writes files: attached on rank 0 only (medssl.engines.distributed)
 
     def __init__(
         self,
-        evaluator: Any,
-        class_names: Mapping[int, str],
-        metric_name: str = "val_dice_per_class",
-        mean_name: str | None = "val_mean_dice",
-        extra_names: Sequence[str] = (),
-        include_background: bool = False,
-        log_dir: str | os.PathLike | None = None,
-        csv_path: str | os.PathLike | None = None,
-        append: bool = False,
-        rank: int = 0,
-        summary_writer: Any = None,
+        path: str | os.PathLike,
+        keys: Sequence[str],
+        names: Sequence[str] | None = None,
+        num_slices: int = 4,
+        source: str = "batch",
+        rank: int | None = None,
     ) -> None:
-        from medssl.engines.utils import as_bool
-
-        self.evaluator = evaluator
-        self.class_names = {int(k): str(v) for k, v in class_names.items()}
-        self.metric_name = metric_name
-        self.mean_name = mean_name
-        self.extra_names = [str(n) for n in extra_names]
-        self.include_background = as_bool(include_background, "include_background")
-        self.log_dir = log_dir
-        self.csv_path = Path(csv_path) if csv_path is not None else None
-        self._log = CsvLog(csv_path, append, step_column="iteration") if csv_path is not None else None
+        if source not in ("batch", "output"):
+            raise ValueError(f"source must be 'batch' or 'output', got {source!r}")
+        self.path = Path(path)
+        self.keys = list(keys)
+        self.names = list(names) if names is not None else self.keys
+        if len(self.names) != len(self.keys):
+            raise ValueError(f"{len(self.names)} names for {len(self.keys)} keys")
+        self.num_slices = num_slices
+        self.source = source
         self.rank = rank
-        # a shared writer (the run's one, see medssl.engines.handlers.RunTensorBoard) is closed by its owner
-        self.writer = summary_writer
-        self._own_writer = summary_writer is None
-        self.history: list[dict[str, float]] = []
+        self._done = False
 
-    def attach(self, trainer) -> None:
+    def attach(self, engine) -> None:
         from ignite.engine import Events
 
-        self.evaluator.add_event_handler(Events.COMPLETED, lambda ev: self.log(trainer, ev))
-        trainer.add_event_handler(Events.STARTED, self._on_started)
-        trainer.add_event_handler(Events.COMPLETED, self.close)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
-    def _on_started(self, trainer) -> None:
-        # after the checkpoint handler's restore: rows past the resumed iteration would be logged twice
-        if self.rank == 0 and self._log is not None:
-            self._log.truncate_after("iteration", trainer.state.iteration)
-
-    def per_class(self, evaluator) -> dict[str, float]:
-        """``{class name: Dice}`` of the last validation (``nan`` for a class absent from every case)."""
-        values = _as_numpy(evaluator.state.metrics[self.metric_name]).reshape(-1)
-        first = 0 if self.include_background else 1
-        indices = [i for i in sorted(self.class_names) if i >= first]
-        if len(values) != len(indices):
-            raise ValueError(
-                f"{self.metric_name} has {len(values)} values but class_names give {len(indices)} classes "
-                f"from index {first}: {[self.class_names[i] for i in indices]}"
-            )
-        return {self.class_names[i]: float(v) for i, v in zip(indices, values)}
-
-    def log(self, trainer, evaluator) -> None:
-        if self.rank != 0:
+    def __call__(self, engine) -> None:
+        if self._done or resolve_rank(self.rank) != 0:
             return
-        dice = self.per_class(evaluator)
-        step = int(trainer.state.iteration)
-        row: dict[str, float] = {"iteration": step, "epoch": int(trainer.state.epoch)}
-        scalars = [self.mean_name] if self.mean_name else []
-        scalars += [n for n in self.extra_names if n not in scalars]
-        for name in scalars:
-            if name in evaluator.state.metrics:
-                row[name] = float(evaluator.state.metrics[name])
-        row.update({f"val_dice/{_tag(n)}": v for n, v in dice.items()})
-        self.history.append(row)
-        head = "".join(f"{n} {row[n]:.4f}; " for n in scalars if n in row)
-        logger.info(f"validation at iteration {step}: {head}" + ", ".join(f"{n} {v:.4f}" for n, v in dice.items()))
-        if self.log_dir is not None or self.writer is not None:
-            if self.writer is None:
-                from torch.utils.tensorboard import SummaryWriter
+        data = engine.state.batch if self.source == "batch" else engine.state.output
+        if isinstance(data, (list, tuple)):  # decollated
+            data = data[0]
+            rows = {n: data[k] for n, k in zip(self.names, self.keys)}
+        else:
+            rows = {n: _first_item(data[k]) for n, k in zip(self.names, self.keys)}
+        save_image_grid(self.path, rows, self.num_slices)
+        self._done = True
 
-                self.writer = SummaryWriter(log_dir=str(self.log_dir))
-            for name, value in row.items():
-                if name not in ("iteration", "epoch") and math.isfinite(value):
-                    self.writer.add_scalar(name, value, step)
+
+class TensorBoardImageGrid:
+    """Log :func:`image_grid` of the first output item's ``keys`` to TensorBoard every ``interval`` epochs.
+
+    Args:
+        log_dir: TensorBoard folder (a ``SummaryWriter`` is created there), or pass ``summary_writer``.
+        keys: ``engine.state.output`` keys, one row each (e.g. ``gt_image``, ``image``, ``image_2``, ``pred``).
+        tag: image tag.
+        interval: epochs between images.
+    """
+
+    main_process_only = True  # logs / writes files: attached on rank 0 only (medssl.engines.distributed)
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike | None = None,
+        keys: Sequence[str] = ("gt_image", "image", "image_2", "pred"),
+        tag: str = "views",
+        interval: int = 1,
+        num_slices: int = 4,
+        summary_writer: Any = None,
+        rank: int | None = None,
+    ) -> None:
+        if log_dir is None and summary_writer is None:
+            raise ValueError("give log_dir or summary_writer")
+        self.log_dir = log_dir
+        self.writer = summary_writer
+        self.keys = list(keys)
+        self.tag = tag
+        self.interval = int(interval)
+        self.num_slices = num_slices
+        self.rank = rank
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+        engine.add_event_handler(Events.COMPLETED, self.close)
+
+    def __call__(self, engine) -> None:
+        if resolve_rank(self.rank) != 0:
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        out = engine.state.output
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+            rows = {k: out[k] for k in self.keys if k in out}
+        else:
+            rows = {k: _first_item(out[k]) for k in self.keys if k in out}
+        if rows:
+            self.writer.add_image(
+                self.tag, image_grid(rows, self.num_slices)[None], engine.state.epoch, dataformats="CHW"
+            )
             self.writer.flush()
-        if self._log is not None:
-            self._log.append(list(row), list(row.values()))
 
     def close(self, engine=None) -> None:
-        if self.writer is not None and self._own_writer:
+        if self.writer is not None and self.log_dir is not None:
             self.writer.close()
             self.writer = None
 
 
-# ------------------------------------------------------------------------------------------------ overlays
+def _as_numpy(x: Any) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float32)
 
 
 def _label_map(x: Any) -> np.ndarray:
@@ -258,7 +313,7 @@ class BestOverlaySaver:
     """Write :func:`save_overlay_png` of the first validation case whenever ``key_metric`` improves.
 
     A validation before the first training step selects nothing (as in
-    :class:`medssl.engines.handlers.CheckpointHandler`), so the PNG shows the model saved as ``model.pt``.
+    :class:`medssl.handlers.CheckpointHandler`), so the PNG shows the model saved as ``model.pt``.
 
     Args:
         evaluator: the validation engine (decollated output items with ``image_key``, ``label_key``, ``pred_key``).
@@ -269,6 +324,8 @@ class BestOverlaySaver:
         num_slices: axial slices shown.
         rank: only rank 0 writes.
     """
+
+    main_process_only = True  # logs / writes files: attached on rank 0 only (medssl.engines.distributed)
 
     def __init__(
         self,
@@ -283,8 +340,7 @@ class BestOverlaySaver:
         pred_key: str = "pred",
         rank: int = 0,
     ) -> None:
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self._tracker = BestTracker(key_metric, mode)
         self.evaluator = evaluator
         self.path = Path(path)
         self.key_metric = key_metric
@@ -315,9 +371,7 @@ class BestOverlaySaver:
         if self.rank != 0 or value is None or trainer.state.iteration == 0 or self._case is None:
             return
         value = float(value)
-        if not math.isfinite(value):
-            return
-        if self.best is not None and not (value > self.best if self.mode == "max" else value < self.best):
+        if not self._tracker.improves(value, self.best):
             return
         self.best = value
         title = f"{self.key_metric} {value:.4f} at iteration {trainer.state.iteration} (first validation case)"

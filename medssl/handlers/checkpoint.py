@@ -1,60 +1,54 @@
-"""Ignite handlers shared by every medssl training bundle: checkpoints with exact resume, image grids, progress.
+"""Checkpoint handlers: what a training run writes to disk to be resumed and deployed, and when.
 
 - :class:`CheckpointHandler` writes ``model.pt`` (best validation metric, self-describing; the final weights when no
-  validation ran, ``best.selected_by`` says which) and ``last.pt``
-  (plus optimizer, scheduler, scaler, extra modules such as an EMA teacher, RNG states, engine progress), both
-  atomically, and with ``resume=True`` restores ``last.pt`` when the trainer starts.
-- :class:`MetricHistory` appends every validation result to a CSV.
-- :func:`image_grid` / :func:`save_image_grid`, :class:`ImageGridSaver` (PNG once, at the first iteration) and
-  :class:`TensorBoardImageGrid` (every N epochs).
-- :class:`ProgressBar`: ignite's tqdm bar with chosen output scalars.
+  validation ran, ``best.selected_by`` says which) and ``last.pt`` (plus optimizer, scheduler, scaler, extra
+  modules such as an EMA teacher, RNG states, engine progress), both atomically, and with ``resume=True``
+  restores ``last.pt`` when the trainer starts. It runs on every rank (``last.pt`` gathers every rank's random
+  streams) and writes on rank 0 only.
+- :class:`BestOfCheckpoint` writes the best of several candidate networks (e.g. the Mean Teacher student and its
+  EMA teacher), selected on the validation split only; its ``state_dict`` goes into ``last.pt``
+  (``CheckpointHandler(extra_modules=...)``) so a resumed run keeps the best. An output handler: rank 0 only.
+- :func:`capture_transform_rng` / :func:`restore_transform_rng`: the random states of MONAI transforms, for exact
+  resume.
 
 Checkpoint keys (``medssl.checkpoint`` format): ``model.pt`` = network, state_dict, preprocessing, labels,
 stage, progress, ``best``; ``last.pt`` adds ``optimizer``, ``scheduler``, ``scaler``, one key per extra module
 (e.g. ``teacher``), ``rng`` (torch / numpy / python / CUDA) and ``transform_rng`` (MONAI random transforms);
 a distributed run adds ``rng_ranks`` (every rank's ``rng`` / ``transform_rng``, so each rank resumes its own
-streams). Under torchrun every handler writes on rank 0 only; every rank reads ``last.pt`` on resume.
+streams). Every rank reads ``last.pt`` on resume.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import functools
 import logging
 import math
 import os
-import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from medssl.atomic import atomic_save_figure, atomic_write_text
 from medssl.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from medssl.engines.distributed import get_rank, get_world_size
+from medssl.dist import get_world_size, resolve_rank
+from medssl.engines.ema import unwrap_model
 from medssl.engines.utils import as_bool
 from medssl.errors import CheckpointError
 
 __all__ = [
+    "BestTracker",
     "CheckpointHandler",
+    "BestOfCheckpoint",
     "engine_precision",
-    "CsvLog",
-    "MetricHistory",
-    "image_grid",
-    "save_image_grid",
-    "ImageGridSaver",
-    "TensorBoardImageGrid",
-    "RunTensorBoard",
-    "ProgressBar",
     "random_transforms",
     "capture_transform_rng",
     "restore_transform_rng",
 ]
 
 logger = logging.getLogger(__name__)
+
 
 _RESERVED = {
     "format",
@@ -76,7 +70,7 @@ _RESERVED = {
 }
 
 
-# ------------------------------------------------------------------------------------ transform RNG states
+# ---------------------------------------------------------------------------------------------------- transform RNG states
 
 
 def random_transforms(transform: Any) -> list:
@@ -144,7 +138,7 @@ def restore_transform_rng(transform: Any, saved: Mapping[str, Any]) -> None:
         t.R = generators[owner]
 
 
-# -------------------------------------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------------------------------------------- checkpoints
 
 
 def engine_precision(engine) -> dict[str, Any]:
@@ -161,11 +155,6 @@ def engine_precision(engine) -> dict[str, Any]:
     return {"precision": precision_record(precision, getattr(engine.state, "device", None) or "cpu")}
 
 
-def _rank(rank: int | None) -> int:
-    """``rank``, or this process's rank in the initialised process group (0 without one) when ``None``."""
-    return get_rank() if rank is None else rank
-
-
 def _state_dict(obj: Any) -> Any:
     module = obj.module if hasattr(obj, "module") and isinstance(obj, torch.nn.Module) else obj  # unwrap DDP
     return module.state_dict()
@@ -174,6 +163,66 @@ def _state_dict(obj: Any) -> Any:
 def _load_state(obj: Any, state: Any) -> None:
     module = obj.module if hasattr(obj, "module") and isinstance(obj, torch.nn.Module) else obj
     module.load_state_dict(state)
+
+
+class BestTracker:
+    """Best-model selection of :class:`CheckpointHandler` and :class:`BestOfCheckpoint`: which validated candidate
+    beats the best so far.
+
+    Each watched evaluator reports its ``key_metric`` when it completes (:meth:`watch`); the owning handler calls
+    :meth:`take` after the trainer iteration or epoch that ran the validations, which picks the best value of the
+    round (ties go to the candidate listed first) and returns it when it beats the best so far. :meth:`forget`
+    drops the values of a validation that must select nothing (one run before training, at ``EPOCH_STARTED``).
+    Non-finite values never improve.
+
+    Args:
+        key_metric: name in each ``evaluator.state.metrics``.
+        mode: ``"min"`` (losses) or ``"max"`` (Dice).
+        candidates: candidate names in tie-break order (one unnamed candidate by default).
+
+    Raises:
+        ValueError: an unknown ``mode``.
+    """
+
+    def __init__(self, key_metric: str, mode: str, candidates: Sequence[str | None] = (None,)) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.key_metric = key_metric
+        self.mode = mode
+        self.candidates = list(candidates)
+        self.pending: dict[str | None, float] = {}
+
+    def improves(self, value: float, than: float | None) -> bool:
+        """``value`` is finite and better than ``than`` (``None``: nothing to beat)."""
+        if not math.isfinite(value):
+            return False
+        return than is None or (value < than if self.mode == "min" else value > than)
+
+    def watch(self, evaluator: Any, name: str | None = None) -> None:
+        """Record ``evaluator``'s ``key_metric`` for candidate ``name`` each time it completes."""
+        from ignite.engine import Events
+
+        evaluator.add_event_handler(Events.COMPLETED, functools.partial(self.record, name=name))
+
+    def record(self, evaluator: Any, name: str | None = None) -> None:
+        """Keep ``evaluator``'s ``key_metric`` (when it has one) as candidate ``name``'s value of this round."""
+        if self.key_metric in evaluator.state.metrics:
+            self.pending[name] = float(evaluator.state.metrics[self.key_metric])
+
+    def forget(self) -> None:
+        """Drop the values recorded since the last :meth:`take`."""
+        self.pending = {}
+
+    def take(self, best: float | None) -> tuple[str | None, float] | None:
+        """The round's best ``(candidate, value)`` when it improves on ``best``, else ``None``; clears the round."""
+        pending, self.pending = self.pending, {}
+        round_best: tuple[str | None, float] | None = None
+        for name in self.candidates:
+            if name in pending and self.improves(pending[name], None if round_best is None else round_best[1]):
+                round_best = (name, pending[name])
+        if round_best is None or not self.improves(round_best[1], best):
+            return None
+        return round_best
 
 
 class CheckpointHandler:
@@ -229,8 +278,7 @@ class CheckpointHandler:
         best_name: str = "model.pt",
         last_name: str = "last.pt",
     ) -> None:
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self._tracker = BestTracker(key_metric, mode)
         if save_interval < 1:
             raise ValueError(f"save_interval must be >= 1, got {save_interval}")
         clash = sorted(set(extra_modules or {}) & _RESERVED)
@@ -255,7 +303,6 @@ class CheckpointHandler:
         self.best_path = self.output_dir / best_name
         self.last_path = self.output_dir / last_name
         self.best: dict[str, Any] = {"metric": key_metric, "value": None, "epoch": None}
-        self._pending_metric: float | None = None
         self._last_saved_iteration: int | None = None
         self._registered = False
         self._pending_rng: dict[str, Any] | None = None
@@ -284,12 +331,11 @@ class CheckpointHandler:
             self._registered = True
 
     def _on_validated(self, evaluator) -> None:
-        if self.key_metric in evaluator.state.metrics:
-            self._pending_metric = float(evaluator.state.metrics[self.key_metric])
+        self._tracker.record(evaluator)
 
     def _on_epoch_started(self, engine) -> None:
         # a validation at start measured the weights before this run's training: it selects nothing
-        self._pending_metric = None
+        self._tracker.forget()
         # STARTED handlers after the restore (a validation at start creates a DataLoader iterator, which draws
         # from torch's RNG) would shift the random streams; the saved run drew its next epoch from this state
         if self._pending_rng is not None:
@@ -297,8 +343,9 @@ class CheckpointHandler:
             self._pending_rng = None
 
     def _consider_best(self, engine) -> None:
-        value, self._pending_metric = self._pending_metric, None
-        if value is not None and self._improves(value):
+        selected = self._tracker.take(self.best["value"])
+        if selected is not None:
+            value = selected[1]
             self.best = {
                 "metric": self.key_metric,
                 "value": value,
@@ -329,12 +376,6 @@ class CheckpointHandler:
         if self._last_saved_iteration != engine.state.iteration:
             self.save_last(engine)
 
-    def _improves(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        old = self.best["value"]
-        return old is None or (value < old if self.mode == "min" else value > old)
-
     # ---------------------------------------------------------------------------------------------- save
 
     def _common(self, engine) -> dict[str, Any]:
@@ -350,7 +391,7 @@ class CheckpointHandler:
         }
 
     def save_best(self, engine) -> Path | None:
-        if _rank(self.rank) != 0:
+        if resolve_rank(self.rank) != 0:
             return None
         return save_checkpoint(self.best_path, **self._common(engine))
 
@@ -380,7 +421,7 @@ class CheckpointHandler:
         if get_world_size() > 1:
             per_rank = [None] * get_world_size()
             torch.distributed.all_gather_object(per_rank, own)
-        if _rank(self.rank) != 0:
+        if resolve_rank(self.rank) != 0:
             return None
         extra: dict[str, Any] = dict(own)
         if per_rank is not None:
@@ -449,7 +490,7 @@ class CheckpointHandler:
     def _saved_rng(self, ckpt: Mapping[str, Any], path: Path) -> dict[str, Any]:
         """This rank's RNG states from the checkpoint (rank 0's when it was written by another world size)."""
         per_rank = ckpt.get("rng_ranks")
-        world, rank = get_world_size(), _rank(None)
+        world, rank = get_world_size(), resolve_rank(None)
         if per_rank is not None and len(per_rank) == world:
             return dict(per_rank[rank])
         if world > 1:
@@ -465,368 +506,162 @@ class CheckpointHandler:
             restore_transform_rng(self.train_transform, saved["transform_rng"])
 
 
-class CsvLog:
-    """Rows appended to a CSV file, header first; a fresh log replaces a file an earlier run left there.
-
-    A resumed run (``append``) first drops the rows the interrupted run wrote after the checkpoint it resumes from
-    (:meth:`truncate_after`), so no step is logged twice: handlers that know the trainer call it when the run
-    starts; otherwise, with ``step_column``, the first row appended by this process drops every earlier row at
-    the same or a later step.
-
-    Args:
-        path: the CSV file.
-        append: keep an existing file (a resumed run continues its log).
-        step_column: column that orders the rows (e.g. ``epoch``), for the first-row rule above.
-    """
-
-    def __init__(self, path: str | os.PathLike, append: bool = False, step_column: str | None = None) -> None:
-        self.path = Path(path)
-        self._fresh = not as_bool(append, "append")
-        self.step_column = step_column
-        self._first = True
-
-    def truncate_after(self, column: str, value: float) -> int:
-        """Drop the rows whose ``column`` is greater than ``value`` (atomically); returns how many were dropped."""
-        if self._fresh or not self.path.is_file():
-            return 0
-        with open(self.path, newline="") as f:
-            rows = list(csv.reader(f))
-        if not rows or column not in rows[0]:
-            return 0
-        col = rows[0].index(column)
-        kept = [rows[0]] + [r for r in rows[1:] if not (len(r) > col and r[col] != "" and float(r[col]) > value)]
-        dropped = len(rows) - len(kept)
-        if dropped:
-            buf = io.StringIO()
-            csv.writer(buf).writerows(kept)
-            atomic_write_text(self.path, buf.getvalue())
-            logger.info(f"{self.path.name}: dropped {dropped} row(s) after {column} {value:g}, the resumed point")
-        return dropped
-
-    def append(self, header: Sequence[str], values: Sequence[Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self._fresh:
-            self.path.unlink(missing_ok=True)
-            self._fresh = False
-        elif self._first and self.step_column in header:
-            self.truncate_after(self.step_column, float(values[list(header).index(self.step_column)]) - 1e-9)
-        self._first = False
-        new = not self.path.is_file()
-        with open(self.path, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(list(header))
-            writer.writerow(list(values))
-
-    @staticmethod
-    def read(path: str | os.PathLike) -> list[dict[str, float]]:
-        """The rows as dicts of floats (empty cells left out)."""
-        with open(path, newline="") as f:
-            return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+def _check_names(networks: Mapping[str, Any], evaluators: Mapping[str, Any]) -> None:
+    if not networks:
+        raise ValueError("networks must name at least one candidate")
+    if set(networks) != set(evaluators):
+        raise ValueError(f"networks {sorted(networks)} and evaluators {sorted(evaluators)} must have the same names")
 
 
-class MetricHistory:
-    """Append ``epoch,<metric>...`` to a CSV each time the attached evaluator completes (one line per run).
+class BestOfCheckpoint:
+    """Save the candidate network with the best validation metric so far (e.g. ``model.pt`` = student or teacher).
+
+    Every evaluator reports its ``key_metric`` when it completes; after the trainer's iteration (or epoch) that
+    ran the validations, the best value of the round is compared with the best so far and, when it improves,
+    that candidate is written with ``best = {metric, value, epoch, iteration, network: <name>}``. A validation
+    run before training (``exec_at_start``) selects nothing, as in
+    :class:`~medssl.handlers.CheckpointHandler`. Ties go to the candidate named first. A run that ends
+    without any validation writes final weights with ``best.selected_by = "final"`` (logged): those of ``final``
+    (default: the first candidate), or of ``final_network`` when given; a selected one has ``selected_by = "best"``.
 
     Args:
-        path: the CSV (its folder is created).
-        metric_names: metrics of ``engine.state.metrics`` to write.
-        append: keep the rows of an earlier run (set it to the bundle's ``resume``); otherwise the first write
-            of this process starts the file afresh. A resumed log drops the rows of epochs it logs again.
-        rank: only rank 0 writes; ``None``: this process's rank in the process group (0 without one).
+        path: checkpoint to write (atomically, ``medssl.checkpoint`` format).
+        networks: name → network; all share ``network_config`` (student and EMA teacher do).
+        evaluators: name → evaluator of that network (same names as ``networks``).
+        network_config: the ``_target_`` dict that rebuilds every candidate.
+        stage: checkpoint stage, e.g. ``"mean_teacher"``.
+        key_metric: name in each ``evaluator.state.metrics``.
+        mode: ``"max"`` (Dice) or ``"min"``.
+        preprocessing, labels: as :class:`~medssl.handlers.CheckpointHandler`.
+        rank: only rank 0 writes.
+        final: the candidate whose weights a run without validation writes (default: the first).
+        final_network: a module to write instead of the ``final`` candidate when no validation ran: a candidate
+            that only validation refreshes (Mean Teacher's BatchNorm-recalibrated ``teacher_eval`` copy) would
+            otherwise hold the weights it was built with.
+
+    Raises:
+        ValueError: different names in ``networks`` and ``evaluators``, an unknown ``mode``, or a ``final`` that
+            is not a candidate.
+
+    Example::
+
+        best = BestOfCheckpoint("out/model.pt", {"teacher": teacher, "student": net}, evaluators, cfg, "mean_teacher")
+        best.attach(trainer)
     """
 
-    def __init__(
-        self, path: str | os.PathLike, metric_names: Sequence[str], append: bool = False, rank: int | None = None
-    ) -> None:
-        self.path = Path(path)
-        self.metric_names = list(metric_names)
-        self._log = CsvLog(path, append, step_column="epoch")
-        self.rank = rank
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def __call__(self, engine) -> None:
-        if _rank(self.rank) != 0:
-            return
-        values = [engine.state.epoch, *(engine.state.metrics.get(k, "") for k in self.metric_names)]
-        self._log.append(["epoch", *self.metric_names], values)
-
-    read = staticmethod(CsvLog.read)
-
-
-# -------------------------------------------------------------------------------------------- image grids
-
-
-def image_grid(rows: Mapping[str, torch.Tensor | np.ndarray], num_slices: int = 4) -> np.ndarray:
-    """Tile axial slices: one row per entry, ``num_slices`` evenly spaced slices along the last axis.
-
-    Args:
-        rows: name → volume of shape (C, H, W, D) or (H, W, D) (first channel shown); all the same shape.
-        num_slices: slices per row.
-
-    Returns:
-        a float32 array (rows*H, num_slices*W) in [0, 1], each row scaled by its own min/max.
-    """
-    if not rows:
-        raise ValueError("rows must not be empty")
-    tiles = []
-    for name, vol in rows.items():
-        v = vol.detach().float().cpu().numpy() if torch.is_tensor(vol) else np.asarray(vol, dtype=np.float32)
-        if v.ndim == 4:
-            v = v[0]
-        if v.ndim != 3:
-            raise ValueError(f"row {name!r}: expected (C, H, W, D) or (H, W, D), got shape {v.shape}")
-        depth = v.shape[-1]
-        idx = np.linspace(0, depth - 1, num_slices + 2)[1:-1].round().astype(int) if depth > 1 else [0] * num_slices
-        lo, hi = float(v.min()), float(v.max())
-        v = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
-        # rotate so anterior is up for RAS volumes
-        tiles.append(np.concatenate([np.rot90(v[..., i]) for i in idx], axis=1))
-    if len({t.shape for t in tiles}) != 1:
-        raise ValueError(f"rows differ in shape: { {k: tuple(np.shape(v)) for k, v in rows.items()} }")
-    return np.concatenate(tiles, axis=0).astype(np.float32)
-
-
-def save_image_grid(path: str | os.PathLike, rows: Mapping[str, Any], num_slices: int = 4, dpi: int = 100) -> Path:
-    """Write :func:`image_grid` as a PNG with the row names on the left; returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    grid = image_grid(rows, num_slices)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = len(rows)
-    fig, ax = plt.subplots(figsize=(max(4.0, 2.0 * num_slices), max(2.0, 2.0 * n)), dpi=dpi)
-    ax.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0)
-    h = grid.shape[0] / n
-    ax.set_yticks([h * (i + 0.5) for i in range(n)], list(rows))
-    ax.set_xticks([])
-    fig.tight_layout()
-    try:
-        atomic_save_figure(fig, path)
-    finally:
-        plt.close(fig)
-    return path
-
-
-def _first_item(x: Any) -> Any:
-    return x[0] if torch.is_tensor(x) or isinstance(x, (list, tuple, np.ndarray)) else x
-
-
-class ImageGridSaver:
-    """Save a PNG of the first batch item's ``keys`` (e.g. clean / view 1 / view 2) at the first iteration.
-
-    Args:
-        path: the PNG.
-        keys: batch keys, one row each (row label = ``names`` or the key).
-        names: row labels.
-        num_slices: axial slices per row.
-        source: ``"batch"`` (``engine.state.batch``) or ``"output"`` (``engine.state.output``).
-    """
+    main_process_only = True  # logs / writes files: attached on rank 0 only (medssl.engines.distributed)
 
     def __init__(
         self,
         path: str | os.PathLike,
-        keys: Sequence[str],
-        names: Sequence[str] | None = None,
-        num_slices: int = 4,
-        source: str = "batch",
-        rank: int | None = None,
+        networks: Mapping[str, torch.nn.Module],
+        evaluators: Mapping[str, Any],
+        network_config: Mapping[str, Any],
+        stage: str,
+        *,
+        key_metric: str = "val_mean_dice",
+        mode: str = "max",
+        preprocessing: Mapping[str, Any] | None = None,
+        labels: Mapping[Any, str] | None = None,
+        rank: int = 0,
+        final: str | None = None,
+        final_network: torch.nn.Module | None = None,
     ) -> None:
-        if source not in ("batch", "output"):
-            raise ValueError(f"source must be 'batch' or 'output', got {source!r}")
+        _check_names(networks, evaluators)
+        self._tracker = BestTracker(key_metric, mode, list(networks))
+        if final is not None and final not in networks:
+            raise ValueError(f"final must name a candidate ({', '.join(networks)}), got {final!r}")
+        self.final = final if final is not None else next(iter(networks))
+        self.final_network = final_network
         self.path = Path(path)
-        self.keys = list(keys)
-        self.names = list(names) if names is not None else self.keys
-        if len(self.names) != len(self.keys):
-            raise ValueError(f"{len(self.names)} names for {len(self.keys)} keys")
-        self.num_slices = num_slices
-        self.source = source
-        self.rank = rank
-        self._done = False
+        self.networks = dict(networks)
+        self.evaluators = dict(evaluators)
+        self.network_config = dict(network_config)
+        self.stage = stage
+        self.key_metric = key_metric
+        self.mode = mode
+        self.preprocessing = dict(preprocessing or {})
+        self.labels = dict(labels or {})
+        self.rank = int(rank)
+        self.best: dict[str, Any] = {"metric": key_metric, "value": None, "epoch": None, "network": None}
+        self._registered = False
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        for name, evaluator in self.evaluators.items():
+            self._tracker.watch(evaluator, name)
+        engine.add_event_handler(Events.STARTED, self._on_started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._on_epoch_started)
+        engine.add_event_handler(Events.COMPLETED, self._on_completed)
 
-    def __call__(self, engine) -> None:
-        if self._done or _rank(self.rank) != 0:
+    def _on_completed(self, engine) -> None:
+        if self.best.get("value") is not None:
             return
-        data = engine.state.batch if self.source == "batch" else engine.state.output
-        if isinstance(data, (list, tuple)):  # decollated
-            data = data[0]
-            rows = {n: data[k] for n, k in zip(self.names, self.keys)}
-        else:
-            rows = {n: _first_item(data[k]) for n, k in zip(self.names, self.keys)}
-        save_image_grid(self.path, rows, self.num_slices)
-        self._done = True
+        # no validation selected a candidate (val_interval beyond the budget): a successful run still leaves a
+        # loadable model, the first candidate's final weights, and says so
+        name = self.final
+        logger.warning(
+            f"no validation selected a model in this run (is val_interval larger than the budget?): {self.path} "
+            f"holds the final weights of the {name} (selected_by: final)"
+        )
+        self.best = {
+            "metric": self.key_metric,
+            "value": None,
+            "epoch": int(engine.state.epoch),
+            "iteration": int(engine.state.iteration),
+            "network": name,
+            "selected_by": "final",
+        }
+        self._save(engine, name, self.final_network)
 
-
-class RunTensorBoard:
-    """The run's one TensorBoard writer, shared by every handler that logs to TensorBoard, closed at the end.
-
-    One writer means one event file per run (per process) instead of one per handler. Handlers take
-    ``summary_writer: "$@tensorboard.writer"``; list the object itself in the trainer's handlers so that it
-    closes the writer when the run completes, after every other ``COMPLETED`` handler.
-
-    Args:
-        log_dir: TensorBoard folder (the run's ``output_dir``).
-    """
-
-    def __init__(self, log_dir: str | os.PathLike) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.log_dir = Path(log_dir)
-        self._writer = SummaryWriter(log_dir=str(self.log_dir))
-
-    @property
-    def writer(self) -> Any:
-        return self._writer
-
-    def attach(self, engine) -> None:
+    def _on_started(self, engine) -> None:
         from ignite.engine import Events
 
-        # registered at run start, i.e. after the COMPLETED handlers attached at build time, which may still log
-        engine.add_event_handler(Events.STARTED, lambda e: e.add_event_handler(Events.COMPLETED, self.close))
+        if not self._registered:
+            # registered at run start, after the validation handlers attached at build time
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._consider)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._consider)
+            self._registered = True
 
-    def close(self, engine=None) -> None:
-        self._writer.close()
+    def _on_epoch_started(self, engine) -> None:
+        self._tracker.forget()  # a validation at start measured untrained weights
 
-
-class TensorBoardImageGrid:
-    """Log :func:`image_grid` of the first output item's ``keys`` to TensorBoard every ``interval`` epochs.
-
-    Args:
-        log_dir: TensorBoard folder (a ``SummaryWriter`` is created there), or pass ``summary_writer``.
-        keys: ``engine.state.output`` keys, one row each (e.g. ``gt_image``, ``image``, ``image_2``, ``pred``).
-        tag: image tag.
-        interval: epochs between images.
-    """
-
-    def __init__(
-        self,
-        log_dir: str | os.PathLike | None = None,
-        keys: Sequence[str] = ("gt_image", "image", "image_2", "pred"),
-        tag: str = "views",
-        interval: int = 1,
-        num_slices: int = 4,
-        summary_writer: Any = None,
-        rank: int | None = None,
-    ) -> None:
-        if log_dir is None and summary_writer is None:
-            raise ValueError("give log_dir or summary_writer")
-        self.log_dir = log_dir
-        self.writer = summary_writer
-        self.keys = list(keys)
-        self.tag = tag
-        self.interval = int(interval)
-        self.num_slices = num_slices
-        self.rank = rank
-
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
-        engine.add_event_handler(Events.COMPLETED, self.close)
-
-    def __call__(self, engine) -> None:
-        if _rank(self.rank) != 0:
+    def _consider(self, engine) -> None:
+        selected = self._tracker.take(self.best["value"])
+        if selected is None:
             return
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+        name, value = selected
+        self.best = {
+            "metric": self.key_metric,
+            "value": value,
+            "epoch": int(engine.state.epoch),
+            "iteration": int(engine.state.iteration),
+            "network": name,
+            "selected_by": "best",
+        }
+        self._save(engine, name)
+        logger.info(f"{self.path.name}: {name} {self.key_metric} {value:.4f} (iteration {engine.state.iteration})")
 
-            self.writer = SummaryWriter(log_dir=str(self.log_dir))
-        out = engine.state.output
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-            rows = {k: out[k] for k in self.keys if k in out}
-        else:
-            rows = {k: _first_item(out[k]) for k in self.keys if k in out}
-        if rows:
-            self.writer.add_image(
-                self.tag, image_grid(rows, self.num_slices)[None], engine.state.epoch, dataformats="CHW"
+    def _save(self, engine, name: str, network: torch.nn.Module | None = None) -> None:
+        if self.rank == 0:
+            save_checkpoint(
+                self.path,
+                network=self.network_config,
+                state_dict=unwrap_model(network if network is not None else self.networks[name]).state_dict(),
+                stage=self.stage,
+                preprocessing=self.preprocessing,
+                labels=self.labels,
+                progress={"epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration)},
+                best=dict(self.best),
+                **engine_precision(engine),
             )
-            self.writer.flush()
 
-    def close(self, engine=None) -> None:
-        if self.writer is not None and self.log_dir is not None:
-            self.writer.close()
-            self.writer = None
+    def state_dict(self) -> dict[str, Any]:
+        """The best so far (plain values), for ``last.pt``."""
+        return dict(self.best)
 
-
-class ProgressBar:
-    """ignite's tqdm progress bar on a terminal; plain status lines when the output goes to a file or a pipe.
-
-    A run started by ``medssl study`` (or with its output redirected) writes one line every ``status_interval``
-    seconds instead of a bar redrawn per iteration, ``medssl-progress iteration 120/250 loss=0.41``, which the
-    study reads to show the running cell's progress (a bar in a log file is megabytes of carriage returns).
-
-    Args:
-        output_transform: e.g. :func:`medssl.engines.utils.pick_scalars` of the loss keys.
-        persist: keep each epoch's bar on screen.
-        rank: only rank 0 shows a bar; ``None``: this process's rank in the process group (0 without one).
-        plain: ``True`` status lines, ``False`` the bar, ``None`` (default) the bar only when stderr is a terminal.
-        status_interval: seconds between status lines (the last iteration always gets one).
-    """
-
-    PREFIX = "medssl-progress"
-
-    def __init__(
-        self,
-        output_transform: Callable | None = None,
-        persist: bool = False,
-        rank: int | None = None,
-        plain: bool | None = None,
-        status_interval: float = 5.0,
-    ) -> None:
-        self.output_transform = output_transform
-        self.persist = persist
-        self.rank = rank
-        self.plain = plain
-        self.status_interval = float(status_interval)
-        self._last = -math.inf
-
-    def attach(self, engine) -> None:
-        if _rank(self.rank) != 0:
-            return
-        plain = self.plain if self.plain is not None else not sys.stderr.isatty()
-        if plain:
-            from ignite.engine import Events
-
-            engine.add_event_handler(Events.ITERATION_COMPLETED, self.status)
-            return
-        from ignite.handlers import ProgressBar as _IgniteBar
-
-        _IgniteBar(persist=self.persist).attach(engine, output_transform=self.output_transform)
-
-    @staticmethod
-    def total_iterations(engine) -> int | None:
-        """The run's iteration budget: the trainer's ``max_iterations`` where it has one, else epochs × length."""
-        budget = getattr(engine, "max_iterations", None)
-        if budget:
-            return int(budget)
-        epochs, length = engine.state.max_epochs, engine.state.epoch_length
-        return int(epochs * length) if epochs and length else None
-
-    def status(self, engine) -> None:
-        now = time.monotonic()
-        total = self.total_iterations(engine)
-        it = int(engine.state.iteration)
-        if now - self._last < self.status_interval and (total is None or it < total):
-            return
-        self._last = now
-        scalars = {}
-        if self.output_transform is not None and engine.state.output is not None:
-            try:
-                scalars = dict(self.output_transform(engine.state.output))
-            except (KeyError, TypeError, ValueError):
-                scalars = {}
-        text = " ".join(f"{k}={float(v):.4g}" for k, v in scalars.items())
-        print(f"{self.PREFIX} iteration {it}/{total if total else '?'} {text}".rstrip(), flush=True)
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "value" not in state:
+            raise ValueError(f"expected a saved best with a 'value', got keys {sorted(state)}")
+        self.best = dict(state)

@@ -12,7 +12,7 @@ loss part. It checks twice:
   ``LOSS_COMPLETED``.
 
 Either way the exception propagates out of ``engine.run()``: ignite does not fire ``EPOCH_COMPLETED`` or
-``COMPLETED``, so :class:`~medssl.engines.handlers.CheckpointHandler` (which saves ``last.pt`` on those events
+``COMPLETED``, so :class:`~medssl.handlers.CheckpointHandler` (which saves ``last.pt`` on those events
 and ``model.pt`` from an ``ITERATION_COMPLETED`` handler it registers when the run starts, i.e. after this guard)
 never writes the bad state: the last good checkpoints stay on disk, and the process exits non-zero.
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from medssl.engines.distributed import get_rank, get_world_size
+from medssl.dist import get_rank, get_world_size
 from medssl.errors import MedsslError
 
 __all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "loss_parts"]
@@ -93,9 +93,9 @@ class NonFiniteLossGuard:
     """Stop training with :class:`NonFiniteLossError` at the first NaN / Inf loss or loss part.
 
     Attach it in the bundle's ``train#handlers`` (anywhere in the list; it needs no ordering relative to
-    :class:`~medssl.engines.handlers.CheckpointHandler`, see the module docstring)::
+    :class:`~medssl.handlers.CheckpointHandler`, see the module docstring)::
 
-        - _target_: medssl.engines.guards.NonFiniteLossGuard
+        - _target_: medssl.handlers.NonFiniteLossGuard
           output_dir: "@output_dir"
 
     Args:

@@ -1,0 +1,105 @@
+"""Engine utilities: devices, precision, flags, network configs, datasets, scalars."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+
+import pytest
+import torch
+from monai.transforms import Compose, RandGaussianNoised
+
+from medssl.engines import utils
+from medssl.errors import ConfigError, DataError
+
+
+def test_resolve_device_and_precision():
+    assert utils.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert utils.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="'gpu0'"):
+        utils.resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            utils.resolve_device("cuda:1")
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    with utils.autocast("cpu", "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    for p in ("fp32", "amp"):
+        with utils.autocast("cpu", p):
+            assert (a @ b).dtype == torch.float32
+    with pytest.raises(ConfigError, match="'fp16'"):
+        utils.autocast("cpu", "fp16")
+    assert not utils.uses_grad_scaler("cpu", "amp") and not utils.cuda_amp("cpu", "bf16")
+    assert utils.cuda_amp_kwargs("bf16") == {"dtype": torch.bfloat16}
+
+
+@pytest.mark.parametrize("value, expected", [(True, True), ("true", True), ("False", False), (0, False), ("on", True)])
+def test_as_bool(value, expected):
+    assert utils.as_bool(value) is expected
+
+
+def test_as_bool_rejects_other_values():
+    with pytest.raises(ConfigError, match="'maybe'"):
+        utils.as_bool("maybe", "resume")
+
+
+def test_network_config_from_callable_component():
+    from monai.bundle import ConfigParser
+
+    p = ConfigParser(
+        {
+            "net": {
+                "_target_": "monai.networks.nets.ViTAutoEnc",
+                "_mode_": "callable",
+                "in_channels": 1,
+                "img_size": [32, 32, 32],
+                "patch_size": 16,
+                "hidden_size": 48,
+                "mlp_dim": 96,
+                "num_layers": 1,
+                "num_heads": 2,
+            }
+        }
+    )
+    cfg = utils.network_config(p.get_parsed_content("net"))
+    assert cfg["_target_"].startswith("monai.networks.nets") and cfg["hidden_size"] == 48
+    rebuilt = ConfigParser({"n": cfg}).get_parsed_content("n")
+    assert sum(t.numel() for t in rebuilt.parameters()) == sum(
+        t.numel() for t in p.get_parsed_content("net")().parameters()
+    )
+    with pytest.raises(ConfigError, match="positional"):
+        utils.network_config(functools.partial(torch.nn.Linear, 3))
+
+
+def test_resolve_dataset_generates_only_the_default(tmp_path, monkeypatch):
+    calls = []
+
+    def ensure_phantom(kind, out, cases, unlabeled, seed):
+        calls.append((kind, cases, unlabeled, seed))
+        out.mkdir(parents=True)
+        (out / "datalist.json").write_text("{}")
+        return out / "datalist.json"
+
+    monkeypatch.setitem(sys.modules, "medssl.data.phantoms", types.SimpleNamespace(ensure_phantom=ensure_phantom))
+    default = tmp_path / "data" / "ct_phantom"
+    with pytest.raises(DataError, match="elsewhere"):
+        utils.resolve_dataset(tmp_path / "elsewhere", tmp_path / "elsewhere" / "datalist.json", default)
+    assert not calls
+    got = utils.resolve_dataset(default, default / "datalist.json", default, cases=2, unlabeled=1, seed=5)
+    assert got == (default / "datalist.json").resolve() and calls == [("ct-abdomen", 2, 1, 5)]
+    utils.resolve_dataset(default, default / "datalist.json", default)  # exists now: not generated again
+    assert len(calls) == 1
+
+
+def test_fixed_random_dataset_repeats_each_item():
+    t = Compose([RandGaussianNoised(keys="x", prob=1.0)])
+    ds = utils.FixedRandomDataset([{"x": torch.zeros(1, 4)}, {"x": torch.zeros(1, 4)}], t, seed=3)
+    a0, a1, b0 = ds[0]["x"], ds[1]["x"], ds[0]["x"]
+    assert torch.equal(a0, b0) and not torch.equal(a0, a1)
+
+
+def test_pick_scalars_and_first_output():
+    out = {"loss": torch.tensor(2.0), "lr": 0.1, "pred": torch.zeros(2)}
+    assert utils.pick_scalars(["loss", "lr", "absent"])(out) == {"loss": 2.0, "lr": 0.1}
+    assert utils.first_output((torch.ones(1), [torch.zeros(1)])).item() == 1.0
