@@ -33,12 +33,17 @@ def _torchrun(args: list[str], timeout: float, nproc: int = 2) -> subprocess.Com
     )
 
 
+# recipe overlays and the base they complete
+RECIPE_BASES = {"btcv_unetr": ("supervised.yaml",), "la_vnet": ("supervised.yaml",)}
+
+
 @pytest.fixture(scope="session")
 def torchrun_bundle() -> Callable[..., subprocess.CompletedProcess]:
     """``run(bundle, data, out, *extra_args)``: ``monai.bundle run training`` of bundle + tiny + multi_gpu."""
 
     def run(bundle: str, data: Path, out: Path, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
-        configs = [str(BUNDLES / f"{bundle}.yaml"), str(BUNDLES / "tiny.yaml"), str(BUNDLES / "multi_gpu.yaml")]
+        recipe = [*RECIPE_BASES.get(bundle, ()), f"{bundle}.yaml"]
+        configs = [str(BUNDLES / f) for f in (*recipe, "tiny.yaml", "multi_gpu.yaml")]
         args = ["-m", "monai.bundle", "run", "training", "--config_file", repr(configs), "--bundle_root",
                 str(out.parent), "--dataset_dir", str(data), "--output_dir", str(out), *extra]  # fmt: skip
         return _torchrun(args, timeout)

@@ -8,6 +8,7 @@ so that the first step of epoch 2 returns NaN; the run must stop with a message 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,24 @@ def test_every_training_bundle_is_listed():
     assert with_trainer == listed
 
 
+def _handler_entries(parser, handlers) -> list:
+    """The handler configs of ``train#handlers`` in order: a list as written, or a ``$`` expression that joins
+    referenced ids (``"$[@a, @b] + @c"``, as bundles/supervised.yaml composes them), each reference expanded."""
+    if isinstance(handlers, list):
+        return [e for h in handlers for e in (_handler_entries(parser, h) if _is_reference(h) else [h])]
+    if isinstance(handlers, str) and handlers.startswith(("$", "@")):
+        entries = []
+        for ref in re.findall(r"@([A-Za-z0-9_#]+)", handlers):
+            item = parser[ref]
+            entries.extend(_handler_entries(parser, item) if isinstance(item, (list, str)) else [item])
+        return entries
+    return [handlers]
+
+
+def _is_reference(value) -> bool:
+    return isinstance(value, str) and value.startswith("@") and "#" in value
+
+
 @pytest.mark.parametrize("overlays", [["tiny.yaml"], ["tiny.yaml", "multi_gpu.yaml"]])
 @pytest.mark.parametrize("name", sorted(TRAINING_BUNDLES))
 def test_every_training_bundle_hands_the_nan_guard_to_its_trainer(name, overlays):
@@ -115,8 +134,9 @@ def test_every_training_bundle_hands_the_nan_guard_to_its_trainer(name, overlays
     handlers = parser["train"]["trainer"]["train_handlers"]
     # the trainer takes @train#handlers, directly or through main_process_only (which keeps the guard on every rank)
     assert handlers in ("@train#handlers", "$medssl.engines.distributed.main_process_only(@train#handlers)"), handlers
-    targets = [h.get("_target_") if isinstance(h, dict) else h for h in parser["train"]["handlers"]]
-    assert GUARD in parser["train"]["handlers"], f"{name}: no NonFiniteLossGuard in train#handlers {targets}"
+    entries = _handler_entries(parser, parser["train"]["handlers"])
+    targets = [h.get("_target_") if isinstance(h, dict) else h for h in entries]
+    assert GUARD in entries, f"{name}: no NonFiniteLossGuard in train#handlers {targets}"
     # the guard sits right before the checkpoint handler, so on any shared event it fires before a save
     guard = targets.index(GUARD["_target_"])
     assert targets[guard + 1] == "medssl.handlers.CheckpointHandler", targets
