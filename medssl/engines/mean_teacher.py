@@ -42,7 +42,6 @@ from medssl.engines.utils import (
     backward_and_step,
     cuda_amp,
     cuda_amp_kwargs,
-    first_output,
     uses_grad_scaler,
 )
 from medssl.errors import ConfigError, DataError
@@ -54,6 +53,7 @@ from medssl.losses.consistency import (
     uamt_threshold,
     uncertainty_mask,
 )
+from medssl.networks.outputs import first_output
 
 if TYPE_CHECKING:
     from ignite.engine import Events
