@@ -29,7 +29,7 @@ from typing import Any
 
 from medssl.study_fingerprint import file_sha256
 
-__all__ = ["SSL_ASSET", "ASSET_POOL", "make_ssl_asset", "file_sha256", "main"]
+__all__ = ["SSL_ASSET", "ASSET_POOL", "make_ssl_asset", "main"]
 
 log = logging.getLogger(__name__)
 

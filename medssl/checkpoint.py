@@ -48,7 +48,6 @@ from medssl.errors import CheckpointError, ResourceError, attempted_allocation, 
 
 __all__ = [
     "FORMAT",
-    "atomic_write",
     "atomic_torch_save",
     "make_checkpoint",
     "save_checkpoint",

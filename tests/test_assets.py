@@ -5,8 +5,9 @@ import json
 import torch
 
 from medssl import resources
-from medssl.assets import SSL_ASSET, file_sha256
+from medssl.assets import SSL_ASSET
 from medssl.checkpoint import load_checkpoint
+from medssl.study_fingerprint import file_sha256
 
 
 def test_asset_matches_its_record_and_is_small_and_weights_only():

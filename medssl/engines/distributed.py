@@ -25,7 +25,7 @@ Gradient averaging: DDP all-reduces the mean of the ranks' gradients, so a step 
 each equals one process with ``N * b`` samples whenever the loss is a mean over samples (L1, Dice/CE, NT-Xent or
 SupCon with gathered negatives). A loss that multiplies two batch means (the SSL recipe's ``L1 + NT-Xent * L1``)
 becomes the mean over ranks of the per-rank products, which differs from the product of the global means by the
-covariance of the two factors over ranks (``tests/distributed/test_distributed_step.py`` checks both statements).
+covariance of the two factors over ranks (``tests/distributed/test_step.py`` checks both statements).
 """
 
 from __future__ import annotations

@@ -42,7 +42,6 @@ from medssl.engines.utils import (
     backward_and_step,
     cuda_amp,
     cuda_amp_kwargs,
-    first_output,
     uses_grad_scaler,
 )
 from medssl.errors import ConfigError, DataError
@@ -54,6 +53,7 @@ from medssl.losses.consistency import (
     uamt_threshold,
     uncertainty_mask,
 )
+from medssl.networks.outputs import first_output
 
 if TYPE_CHECKING:
     from ignite.engine import Events
@@ -62,7 +62,6 @@ else:
 
 __all__ = [
     "TEACHER_INPUTS",
-    "TEACHER_NORMS",
     "batchnorm_batch_statistics",
     "mean_teacher_losses",
     "MeanTeacherTrainer",
@@ -80,9 +79,6 @@ def _default_supervised_loss() -> nn.Module:
 
 def _forward(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return first_output(network(x))
-
-
-TEACHER_NORMS = ("batch", "running")
 
 
 @contextlib.contextmanager
@@ -128,13 +124,14 @@ def mean_teacher_losses(
     uncertainty_max_steps: int | None = None,
     uncertainty_passes: int = 8,
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] = _forward,
-    teacher_norm: str = "batch",
 ) -> dict[str, Any]:
     """Forward passes and losses of one Mean Teacher iteration (no backward, no optimizer step).
 
     Args:
         student: trained network, ``(B, C_in, *spatial) -> (B, C, *spatial)`` logits.
-        teacher: EMA network of the same architecture; run under ``no_grad`` in eval mode.
+        teacher: EMA network of the same architecture; run under ``no_grad`` in eval mode, its BatchNorm layers on
+            the statistics of the teacher's input batch as in the published code (running statistics untouched,
+            see :func:`batchnorm_batch_statistics`).
         images: ``(B, C_in, *spatial)``, the first ``labeled_batch_size`` cases labeled.
         labels: ``(B, 1, *spatial)``; only the labeled part is read.
         step: iteration counted from 0 (drives the weight ramp and the UA-MT threshold).
@@ -148,9 +145,6 @@ def mean_teacher_losses(
         uncertainty_max_steps: enables the UA-MT mask, its threshold ramping over this many steps.
         uncertainty_passes: UA-MT's ``T``.
         forward: ``forward(network, x) -> logits``; the default takes the first output of tuple-returning networks.
-        teacher_norm: ``"batch"`` (default, as the published code): the teacher's BatchNorm layers use the
-            statistics of the teacher's input batch (see :func:`batchnorm_batch_statistics`); ``"running"``: its
-            EMA'd running statistics (eval mode).
 
     Returns:
         ``pred`` (student logits, whole batch), ``loss`` (differentiable total), ``supervised`` and
@@ -170,8 +164,6 @@ def mean_teacher_losses(
         consistency = CONSISTENCY_LOSSES[consistency]
     if teacher_input not in TEACHER_INPUTS:
         raise ConfigError("teacher_input", f"unknown teacher_input {teacher_input!r} (use one of {TEACHER_INPUTS})")
-    if teacher_norm not in TEACHER_NORMS:
-        raise ConfigError("teacher_norm", f"unknown teacher_norm {teacher_norm!r} (use one of {TEACHER_NORMS})")
     weight_fn = ConsistencyWeight() if consistency_weight is None else consistency_weight
     n_lab = int(labeled_batch_size)
     if not 1 <= n_lab <= images.shape[0]:
@@ -193,20 +185,17 @@ def mean_teacher_losses(
     teacher_in = images[cons_slice]
     teacher.eval()
 
-    def norm_mode() -> contextlib.AbstractContextManager:
-        return batchnorm_batch_statistics(teacher) if teacher_norm == "batch" else contextlib.nullcontext()
-
     # UA-MT's published code never puts its EMA model in eval mode: with the uncertainty mask, the target pass runs
     # with dropout on like the stochastic passes (plain Mean Teacher keeps a deterministic target)
     target_dropout = dropout_on(teacher) if uncertainty_max_steps is not None else contextlib.nullcontext()
-    with torch.no_grad(), norm_mode(), target_dropout:
+    with torch.no_grad(), batchnorm_batch_statistics(teacher), target_dropout:
         teacher_logits = forward(teacher, noise(teacher_in) if noise is not None else teacher_in)
     out: dict[str, Any] = {"pred": pred}
     if uncertainty_max_steps is None:
         cons = consistency(pred[cons_slice], teacher_logits, reduction="mean")
     else:
         threshold = uamt_threshold(step, uncertainty_max_steps, num_classes=pred.shape[1])
-        with norm_mode():
+        with batchnorm_batch_statistics(teacher):
             mask, _ = uncertainty_mask(
                 teacher, teacher_in, threshold, passes=uncertainty_passes, perturb=noise, mc_dropout=True
             )
@@ -235,7 +224,8 @@ class MeanTeacherTrainer(SupervisedTrainer):
             lambda_dice=0.5)``, i.e. ``0.5 * (CE + Dice)`` (the published LA code computes Dice on the
             foreground only; pass ``include_background=False`` to match it).
         labeled_batch_size: labeled cases at the front of each batch (must match the batch sampler's).
-        teacher: EMA model; default :func:`~medssl.engines.ema.make_teacher` ``(network)``.
+        teacher: EMA model; default :func:`~medssl.engines.ema.make_teacher` ``(network)``. Its training forward
+            normalises with batch statistics (see :func:`mean_teacher_losses`).
         consistency: ``"mse"`` | ``"kl"`` | callable (see :func:`mean_teacher_losses`).
         consistency_weight: ``weight(step)``; default ``ConsistencyWeight(0.1, 40, 150)``.
         teacher_input: ``"unlabeled"`` | ``"all"``.
@@ -244,8 +234,6 @@ class MeanTeacherTrainer(SupervisedTrainer):
         uncertainty_passes: UA-MT's ``T``.
         uncertainty_max_steps: threshold ramp length; default the run's total iterations.
         ema_decay, ema_buffers: see :class:`~medssl.engines.ema.EMATeacherHandler`.
-        teacher_norm: BatchNorm statistics of the teacher's training forward, ``"batch"`` (default) or
-            ``"running"`` (see :func:`mean_teacher_losses`); validation always uses running statistics.
         precision: ``"auto"`` | ``"fp32"`` | ``"bf16"`` | ``"amp"`` (see ``medssl.engines.utils``).
         kwargs: passed to ``SupervisedTrainer`` (``train_handlers``, ``prepare_batch``, ...).
 
@@ -275,7 +263,6 @@ class MeanTeacherTrainer(SupervisedTrainer):
         uncertainty_max_steps: int | None = None,
         ema_decay: float = 0.99,
         ema_buffers: bool = True,
-        teacher_norm: str = "batch",
         precision: str = "fp32",
         **kwargs: Any,
     ) -> None:
@@ -289,8 +276,6 @@ class MeanTeacherTrainer(SupervisedTrainer):
             )
         if teacher_input not in TEACHER_INPUTS:
             raise ConfigError("teacher_input", f"unknown teacher_input {teacher_input!r} (use one of {TEACHER_INPUTS})")
-        if teacher_norm not in TEACHER_NORMS:
-            raise ConfigError("teacher_norm", f"unknown teacher_norm {teacher_norm!r} (use one of {TEACHER_NORMS})")
         if int(labeled_batch_size) != labeled_batch_size or labeled_batch_size < 1:
             raise ConfigError("labeled_batch_size", f"must be a positive integer, got {labeled_batch_size!r}")
         batch_sampler = getattr(train_data_loader, "batch_sampler", None)
@@ -316,7 +301,6 @@ class MeanTeacherTrainer(SupervisedTrainer):
         self.consistency = consistency
         self.consistency_weight = ConsistencyWeight() if consistency_weight is None else consistency_weight
         self.teacher_input = teacher_input
-        self.teacher_norm = teacher_norm
         self.noise = functools.partial(teacher_noise, std=noise_std, clip=noise_clip) if noise_std > 0 else None
         self.uncertainty = bool(uncertainty)
         self.uncertainty_passes = int(uncertainty_passes)
@@ -361,7 +345,6 @@ class MeanTeacherTrainer(SupervisedTrainer):
                 uncertainty_max_steps=engine.uncertainty_max_steps,
                 uncertainty_passes=engine.uncertainty_passes,
                 forward=lambda net, x: first_output(engine.inferer(x, net)),
-                teacher_norm=engine.teacher_norm,
             )
         pred = parts.pop("pred")
         engine.state.output = {Keys.IMAGE: inputs[:n_lab], Keys.LABEL: targets[:n_lab], Keys.PRED: pred[:n_lab]}

@@ -12,11 +12,11 @@ from monai.engines.utils import IterationEvents
 from medssl.engines.utils import (
     autocast,
     backward_and_step,
-    first_output,
     reject_reserved,
     resolve_device,
     uses_grad_scaler,
 )
+from medssl.networks.outputs import first_output
 
 __all__ = ["TwoViewSSLTrainer"]
 

@@ -39,8 +39,6 @@ __all__ = [
     "cuda_amp",
     "cuda_amp_kwargs",
     "seed_everything",
-    "first_output",
-    "FirstOutputInferer",
     "PrepareBatchKeys",
     "pick_scalars",
     "network_config",
@@ -146,18 +144,6 @@ def seed_everything(seed: int | None, deterministic: bool = False) -> int | None
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = torch.cuda.is_available()
     return int(seed)
-
-
-def first_output(output: Any) -> torch.Tensor:
-    """The tensor of a network's output: networks such as ``ViTAutoEnc`` return ``(image, hidden_states)``."""
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-class FirstOutputInferer:
-    """An inferer for MONAI evaluators that calls the network and keeps :func:`first_output`."""
-
-    def __call__(self, inputs: torch.Tensor, network: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return first_output(network(inputs, *args, **kwargs))
 
 
 class PrepareBatchKeys:

@@ -1,10 +1,11 @@
-"""A network seen through its first output, for tools that expect one tensor.
+"""A network seen through its first output, for tools and engines that expect one tensor.
 
 MONAI's ``ViTAutoEnc`` returns ``(reconstruction, hidden_states)``. MONAI's bundle tools
 (``python -m monai.bundle verify_net_in_out``) read ``output.shape`` and ``output.dtype`` of the network named by
 ``--net_id``, which a tuple does not have; ``ssl_pretrain.yaml`` therefore names this wrapper
 (``reconstruction_network``) as the network its metadata describes. Training keeps the unwrapped network, and
-checkpoints its state dict, so the wrapper's ``network.`` key prefix never reaches a file.
+checkpoints its state dict, so the wrapper's ``network.`` key prefix never reaches a file. The trainers take the
+first output with :func:`first_output` instead of a wrapper.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FirstOutput"]
+__all__ = ["first_output", "FirstOutput"]
+
+
+def first_output(output: Any) -> torch.Tensor:
+    """The first element of a tuple / list output (``ViTAutoEnc``: ``(image, hidden_states)``), else ``output``."""
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 class FirstOutput(nn.Module):
@@ -36,5 +42,4 @@ class FirstOutput(nn.Module):
         self.network = network
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        output = self.network(*args, **kwargs)
-        return output[0] if isinstance(output, (tuple, list)) else output
+        return first_output(self.network(*args, **kwargs))

@@ -14,15 +14,10 @@ import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import CopyItemsd, MapTransform, RandCoarseDropout, RandCoarseShuffled, RandomizableTransform
 
-from medssl.transforms.s5cl_views import s5cl_strong_transforms, s5cl_weak_strong_views, s5cl_weak_transforms
-
 __all__ = [
     "RandInOutPaintd",
     "ssl_view_transforms",
     "ssl_two_view_transforms",
-    "s5cl_weak_transforms",
-    "s5cl_strong_transforms",
-    "s5cl_weak_strong_views",
 ]
 
 

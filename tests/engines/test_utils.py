@@ -1,4 +1,4 @@
-"""Engine utilities: devices, precision, flags, network configs, datasets, scalars."""
+"""Engine utilities: devices, precision, flags, network configs, datasets, scalars, reserved keyword arguments."""
 
 from __future__ import annotations
 
@@ -99,7 +99,26 @@ def test_fixed_random_dataset_repeats_each_item():
     assert torch.equal(a0, b0) and not torch.equal(a0, a1)
 
 
-def test_pick_scalars_and_first_output():
+def test_pick_scalars():
     out = {"loss": torch.tensor(2.0), "lr": 0.1, "pred": torch.zeros(2)}
     assert utils.pick_scalars(["loss", "lr", "absent"])(out) == {"loss": 2.0, "lr": 0.1}
-    assert utils.first_output((torch.ones(1), [torch.zeros(1)])).item() == 1.0
+    assert utils.pick_scalars(["loss"])([out, out]) == {"loss": 2.0}  # decollated: the first item's scalars
+
+
+def test_reserved_keys_are_refused_with_a_hint_for_amp():
+    utils.reject_reserved("T", {"epoch_length": 3}, ("amp", "decollate"))  # unrelated keys pass
+    with pytest.raises(ValueError, match=r"'amp' is set by T \(use precision=\.\.\.\), got amp=True"):
+        utils.reject_reserved("T", {"amp": True}, ("amp", "decollate"))
+    with pytest.raises(ValueError, match=r"'decollate' is set by T, got decollate=True$"):
+        utils.reject_reserved("T", {"decollate": True}, ("amp", "decollate"))
+
+
+def test_the_ssl_trainer_refuses_amp():
+    from medssl.engines.ssl import TwoViewSSLTrainer
+    from medssl.losses.ssl import ReconstructionContrastiveLoss
+
+    net = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="'amp' is set by TwoViewSSLTrainer"):
+        TwoViewSSLTrainer(device="cpu", max_epochs=1, train_data_loader=[], network=net,
+                          optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                          loss_function=ReconstructionContrastiveLoss(), amp=True)  # fmt: skip

@@ -1,4 +1,4 @@
-"""FirstOutput: one tensor from a network that returns a tuple (ViTAutoEnc), for MONAI's bundle checks."""
+"""first_output / FirstOutput: one tensor from a tuple-returning network (ViTAutoEnc), for engines and bundle checks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.networks.nets import ViTAutoEnc
 
-from medssl.networks.outputs import FirstOutput
+from medssl.networks.outputs import FirstOutput, first_output
 
 
 def test_first_output_of_vitautoenc_is_the_reconstruction():
@@ -19,6 +19,15 @@ def test_first_output_of_vitautoenc_is_the_reconstruction():
     assert isinstance(hidden, list) and len(hidden) == 2
     assert torch.equal(got, reconstruction) and got.shape == (2, 1, 32, 32, 32)
     assert list(FirstOutput(net).state_dict()) == [f"network.{k}" for k in net.state_dict()]
+
+
+def test_first_output_takes_the_first_element_of_a_tuple_or_list_only():
+    a, b = torch.ones(1), torch.zeros(1)
+    assert first_output((a, [b])) is a
+    assert first_output([b, a]) is b
+    assert first_output(a) is a
+    mapping = {"pred": a}
+    assert first_output(mapping) is mapping  # not a sequence: unchanged
 
 
 def test_first_output_passes_a_tensor_through_and_refuses_a_non_module():

@@ -1,5 +1,5 @@
 """S5CLTrainer: temperature hierarchy, pseudo-label switch step, token labels, learning; pseudo-labels from the
-classifier's input and the per-module optimizer (the networks: tests/networks/test_s5cl_networks.py)."""
+classifier's input and the per-module optimizer (the networks: tests/networks/test_s5cl.py)."""
 
 from __future__ import annotations
 

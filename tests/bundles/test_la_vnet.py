@@ -34,7 +34,7 @@ def tiny_run(tiny_la, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("la_run") / "out"
     # the lr steps x0.1 every 2 iterations here (2500 in the recipe); 5 iterations end inside the third epoch;
     # without the recipe's Dropout3d(0.5), whose noise would hide a 5-step loss decrease (dropout itself:
-    # tests/networks/test_networks_vnet.py)
+    # tests/networks/test_vnet.py)
     run("training", config_file=CONFIGS, **bundle_overrides(tiny_la, out, max_iterations=5, val_interval=2,
                                                              lr_step_iterations=2, precision=TEST_PRECISION,
                                                              has_dropout="false"))  # fmt: skip
@@ -155,7 +155,7 @@ def test_full_recipe_defaults(tmp_path):
     logits = torch.randn(2, 2, 8, 8, 8)
     label = (torch.rand(2, 1, 8, 8, 8) > 0.7).float()
     # the default loss: 0.5 * (cross entropy + soft Dice of the atrium over the whole batch); UA-MT's squares the
-    # Dice denominators (dice_squared: tests/bundles/test_bundle_la_dice_squared.py)
+    # Dice denominators (dice_squared: tests/bundles/test_la_dice_squared.py)
     soft = logits.softmax(1)[:, 1]
     fg = label[:, 0]
     dice = 1 - (2 * (soft * fg).sum() + 1e-5) / (soft.sum() + fg.sum() + 1e-5)

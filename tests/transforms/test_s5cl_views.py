@@ -7,7 +7,6 @@ import pytest
 import torch
 from monai.transforms import Compose
 
-from medssl.transforms import views
 from medssl.transforms.s5cl_views import s5cl_strong_transforms, s5cl_weak_strong_views, s5cl_weak_transforms
 
 
@@ -19,11 +18,6 @@ def _run(chain, data, seed):
 
 def _image(shape=(1, 16, 16, 16)):
     return np.random.default_rng(0).random(shape, dtype=np.float32)
-
-
-def test_reexported_from_views():
-    assert views.s5cl_weak_strong_views is s5cl_weak_strong_views
-    assert {"s5cl_weak_transforms", "s5cl_strong_transforms", "s5cl_weak_strong_views"} <= set(views.__all__)
 
 
 @pytest.mark.parametrize("shape", [(1, 16, 16, 16), (1, 12, 12, 8)])

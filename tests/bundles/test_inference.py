@@ -13,7 +13,7 @@ from medssl.checkpoint import build_network, load_checkpoint, save_checkpoint
 from medssl.inference import Predictor
 from medssl.transforms.presets import preprocessing_summary
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "bundles" / "inference.yaml")
 
 

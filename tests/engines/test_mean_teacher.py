@@ -13,7 +13,7 @@ from torch import nn
 
 from medssl.data.samplers import PLACEHOLDER_LABEL, TwoStreamBatchSampler, TwoStreamCollate, two_stream_items
 from medssl.engines.ema import EMATeacherHandler, ema_alpha, make_teacher, update_ema
-from medssl.engines.mean_teacher import MeanTeacherTrainer, mean_teacher_losses
+from medssl.engines.mean_teacher import MeanTeacherTrainer, batchnorm_batch_statistics, mean_teacher_losses
 from medssl.errors import ConfigError, DataError
 from medssl.losses.consistency import ConsistencyWeight
 
@@ -48,7 +48,6 @@ def _losses(student, teacher, images, labels, **kw):
         labeled_batch_size=LBS,
         supervised_loss=DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.5, lambda_dice=0.5),
         consistency_weight=ConsistencyWeight(consistency=1.0, rampup_length=0),
-        teacher_norm="running",  # the hand references below run the teacher in eval mode
     )
     args.update(kw)
     return mean_teacher_losses(student, teacher, images, labels, **args)
@@ -82,25 +81,30 @@ def test_supervised_part_ignores_unlabeled_labels_and_consistency_only_unlabeled
     b = _losses(student, teacher, other_images, other)
     assert a["supervised"].item() == pytest.approx(b["supervised"].item(), rel=1e-6)
     # the teacher sees the unlabeled part only: changing a labeled image leaves the consistency term unchanged
-    # (BatchNorm in train mode couples the student's batch, so compare with the teacher's eval-mode consistency
-    # on the unlabeled cases computed by hand)
+    # (BatchNorm in train mode couples the student's batch, so compare with the consistency computed by hand on
+    # the unlabeled cases: an eval-mode student, the teacher on its input batch's statistics)
     student.eval()
     torch.manual_seed(5)
     c = _losses(student, teacher, images, labels, noise=None)
-    ref = (torch.softmax(student(images[LBS:]), 1) - torch.softmax(teacher(images[LBS:]), 1)).pow(2).mean()
+
+    def teacher_ref(x):
+        with torch.no_grad(), batchnorm_batch_statistics(teacher):
+            return teacher(x)
+
+    ref = (torch.softmax(student(images[LBS:]), 1) - torch.softmax(teacher_ref(images[LBS:]), 1)).pow(2).mean()
     assert c["consistency"].item() == pytest.approx(ref.item(), rel=1e-5)
     d = _losses(student, teacher, images, labels, noise=None, teacher_input="all")
-    ref_all = (torch.softmax(student(images), 1) - torch.softmax(teacher(images), 1)).pow(2).mean()
+    ref_all = (torch.softmax(student(images), 1) - torch.softmax(teacher_ref(images), 1)).pow(2).mean()
     assert d["consistency"].item() == pytest.approx(ref_all.item(), rel=1e-5)
 
 
 def test_identical_teacher_without_noise_gives_zero_consistency():
-    student = _net().eval()  # eval: the student's BatchNorm matches the teacher's
+    student = _net()  # train mode and the whole batch for both: the student's BatchNorm matches the teacher's
     teacher = make_teacher(student)
     images, labels = _batch()
-    parts = _losses(student, teacher, images, labels, noise=None)
+    parts = _losses(student, teacher, images, labels, noise=None, teacher_input="all")
     assert parts["consistency"].item() == pytest.approx(0.0, abs=1e-10)
-    noisy = _losses(student, teacher, images, labels)
+    noisy = _losses(student, teacher, images, labels, teacher_input="all")
     assert noisy["consistency"].item() > 0
 
 
@@ -125,7 +129,7 @@ def test_uamt_target_pass_runs_with_dropout_as_published(monkeypatch):
     student, teacher = _net(), make_teacher(_net(seed=1, dropout=0.5))
     student.eval()  # a deterministic student, so only the teacher's target can change the consistency
     images, labels = _batch()
-    kw = dict(noise=None, teacher_norm="batch")
+    kw = dict(noise=None)
     plain = [_losses(student, teacher, images, labels, **kw)["consistency"].item() for _ in range(2)]
     assert plain[0] == plain[1]
     uamt = dict(kw, step=50, uncertainty_max_steps=100, uncertainty_passes=2)
@@ -178,7 +182,6 @@ def _fake_engine(student, teacher, optimizer, iteration):
         consistency="mse",
         consistency_weight=ConsistencyWeight(),
         teacher_input="unlabeled",
-        teacher_norm="batch",
         noise=None,
         uncertainty_max_steps=None,
         uncertainty_passes=8,
@@ -384,8 +387,6 @@ def test_resume_reproduces_student_and_teacher_exactly():
 
 
 def test_teacher_batchnorm_uses_batch_statistics_without_touching_running_stats():
-    from medssl.engines.mean_teacher import batchnorm_batch_statistics, mean_teacher_losses
-
     torch.manual_seed(0)
     student = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 2, 1))
     teacher = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 2, 1))
@@ -396,21 +397,16 @@ def test_teacher_batchnorm_uses_batch_statistics_without_touching_running_stats(
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     images = torch.randn(4, 1, 8, 8, 8) * 3 + 1
     labels = torch.zeros(4, 1, 8, 8, 8, dtype=torch.long)
-
-    def run(mode):
-        return mean_teacher_losses(
-            student,
-            teacher,
-            images,
-            labels,
-            step=1000,
-            labeled_batch_size=2,
-            supervised_loss=lambda p, y: p.mean() * 0,
-            noise=None,
-            teacher_norm=mode,
-        )["consistency"]
-
-    batch_cons, running_cons = run("batch"), run("running")
+    consistency = mean_teacher_losses(
+        student,
+        teacher,
+        images,
+        labels,
+        step=1000,
+        labeled_batch_size=2,
+        supervised_loss=lambda p, y: p.mean() * 0,
+        noise=None,
+    )["consistency"]
     for k, v in teacher.state_dict().items():  # no running-stat update, no mode change left behind
         assert torch.equal(v, before[k]), k
     assert not teacher.training and not teacher[1].training
@@ -419,6 +415,9 @@ def test_teacher_batchnorm_uses_batch_statistics_without_touching_running_stats(
         t_batch = teacher(images[2:])
     ref = nn.functional.batch_norm(teacher[0](images[2:]), None, None, teacher[1].weight, teacher[1].bias, True)
     assert torch.allclose(t_batch, teacher[3](teacher[2](ref)), atol=1e-5)
-    assert not torch.isclose(batch_cons, running_cons)
-    with pytest.raises(ConfigError, match="teacher_norm"):
-        run("eval")
+    with torch.no_grad():
+        student_unlabeled = torch.softmax(student(images)[2:], 1)  # train mode: the whole batch's statistics
+        t_eval = teacher(images[2:])
+    by_hand = (student_unlabeled - torch.softmax(t_batch, 1)).pow(2).mean()
+    assert consistency.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert not torch.isclose(consistency, (student_unlabeled - torch.softmax(t_eval, 1)).pow(2).mean())
