@@ -47,3 +47,26 @@ def test_max_iterations_stops_every_training_bundle(name, request, tmp_path):
     assert len(steps) == STEPS
     assert load_checkpoint(out / "last.pt")["progress"]["iteration"] == STEPS
     assert trainer.state.iteration == STEPS
+
+
+@pytest.mark.parametrize(
+    "files, max_epochs, max_iterations",
+    [
+        (["ssl_pretrain.yaml"], 500, None),
+        (["s5cl.yaml"], 100, None),
+        (["supervised.yaml", "btcv_unetr.yaml"], None, 30000),
+        (["supervised.yaml", "la_vnet.yaml"], None, 6000),
+        (["mean_teacher.yaml"], None, 6000),
+        (["mean_teacher.yaml", "mean_teacher_btcv.yaml"], None, 25000),
+    ],
+)
+def test_recipes_keep_their_budget_and_tiny_sets_one_number(files, max_epochs, max_iterations):
+    from monai.bundle import ConfigParser
+
+    p = ConfigParser()
+    p.read_config([str(REPO / "bundles" / f) for f in files])
+    assert (p["max_epochs"], p["max_iterations"]) == (max_epochs, max_iterations)
+    assert p["train"]["trainer"]["max_epochs"] == "@max_epochs"
+    assert p["train"]["trainer"]["max_iterations"] == "@max_iterations"
+    tiny = ConfigParser.load_config_file(str(REPO / "bundles" / TINY))
+    assert tiny["max_iterations"] == 4 and not {"max_epochs", "steps_per_epoch"} & set(tiny)

@@ -210,6 +210,7 @@ def test_full_recipe_defaults(tmp_path):
         "roi_size": [112, 112, 80],
         "batch_size": 4,
         "max_iterations": 6000,
+        "max_epochs": None,
         "learning_rate": 0.01,
         "momentum": 0.9,
         "weight_decay": 1e-4,

@@ -149,6 +149,7 @@ def test_full_recipe_defaults(tmp_path):
         "batch_size": 4,
         "num_samples": 2,
         "max_epochs": 500,
+        "max_iterations": None,
         "val_interval": 2,
         "seed": 123,
         "learning_rate": 1e-4,
