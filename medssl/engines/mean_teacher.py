@@ -45,6 +45,7 @@ from medssl.engines.utils import (
     uses_grad_scaler,
 )
 from medssl.errors import ConfigError, DataError
+from medssl.handlers.budget import attach_budget, initial_max_epochs
 from medssl.losses.consistency import (
     CONSISTENCY_LOSSES,
     ConsistencyWeight,
@@ -219,7 +220,8 @@ class MeanTeacherTrainer(SupervisedTrainer):
     ``consistency_weight`` and, with UA-MT, ``uncertainty_threshold`` and ``mask_fraction``.
 
     Args:
-        device, max_epochs, train_data_loader, network, optimizer: as ``SupervisedTrainer``.
+        device, train_data_loader, network, optimizer: as ``SupervisedTrainer``.
+        max_epochs: epochs (``None``: no epoch limit; give it and/or ``max_iterations``).
         loss_function: supervised loss; default ``DiceCELoss(to_onehot_y=True, softmax=True, lambda_ce=0.5,
             lambda_dice=0.5)``, i.e. ``0.5 * (CE + Dice)`` (the published LA code computes Dice on the
             foreground only; pass ``include_background=False`` to match it).
@@ -233,6 +235,8 @@ class MeanTeacherTrainer(SupervisedTrainer):
         uncertainty: enable the UA-MT mask.
         uncertainty_passes: UA-MT's ``T``.
         uncertainty_max_steps: threshold ramp length; default the run's total iterations.
+        max_iterations: optimizer steps (``None``: no iteration limit); with ``max_epochs``, whichever comes first
+            (:class:`medssl.handlers.budget.IterationBudget`).
         ema_decay, ema_buffers: see :class:`~medssl.engines.ema.EMATeacherHandler`.
         precision: ``"auto"`` | ``"fp32"`` | ``"bf16"`` | ``"amp"`` (see ``medssl.engines.utils``).
         kwargs: passed to ``SupervisedTrainer`` (``train_handlers``, ``prepare_batch``, ...).
@@ -245,7 +249,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
     def __init__(
         self,
         device: str | torch.device,
-        max_epochs: int,
+        max_epochs: int | None,
         train_data_loader: Any,
         network: nn.Module,
         optimizer: torch.optim.Optimizer,
@@ -264,6 +268,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
         ema_decay: float = 0.99,
         ema_buffers: bool = True,
         precision: str = "fp32",
+        max_iterations: int | None = None,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("accumulation_steps", 1) != 1:
@@ -285,9 +290,10 @@ class MeanTeacherTrainer(SupervisedTrainer):
                 f"trainer has {labeled_batch_size} but the batch sampler {batch_sampler.labeled_batch_size}",
             )
         dev = torch.device(device)
+        epochs = initial_max_epochs(max_iterations, max_epochs, train_data_loader, kwargs.get("epoch_length"))
         super().__init__(
             device=dev,
-            max_epochs=max_epochs,
+            max_epochs=epochs,
             train_data_loader=train_data_loader,
             network=network,
             optimizer=optimizer,
@@ -310,6 +316,7 @@ class MeanTeacherTrainer(SupervisedTrainer):
         if hasattr(batch_sampler, "set_epoch"):
             # MONAI only does this for a DistributedSampler in `loader.sampler`, not for a batch sampler
             self.add_event_handler(Events.EPOCH_STARTED, lambda engine: batch_sampler.set_epoch(engine.state.epoch))
+        attach_budget(self, max_iterations, max_epochs)
 
     @property
     def uncertainty_max_steps(self) -> int | None:
@@ -317,13 +324,13 @@ class MeanTeacherTrainer(SupervisedTrainer):
             return None
         if self._uncertainty_max_steps is not None:
             return int(self._uncertainty_max_steps)
+        if self.max_iterations is not None:
+            return self.max_iterations
         if self.state.max_epochs is None or self.state.epoch_length is None:
             raise ConfigError("uncertainty_max_steps", "cannot infer the run length: set uncertainty_max_steps")
         return int(self.state.max_epochs * self.state.epoch_length)
 
     def _iteration(self, engine: MeanTeacherTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         inputs, targets = batch[0], batch[1]
         n_lab = engine.labeled_batch_size

@@ -60,6 +60,7 @@ from medssl.data.patches import DEFAULT_ORGANS, token_majority_labels
 from medssl.data.records import image_records, labeled_records
 from medssl.engines.utils import autocast, backward_and_step, reject_reserved, resolve_device, uses_grad_scaler
 from medssl.errors import ConfigError, DataError
+from medssl.handlers.budget import attach_budget, initial_max_epochs
 from medssl.losses.supcon import SupConLoss
 from medssl.networks.s5cl import MODES, S5CLBase
 
@@ -310,7 +311,7 @@ class S5CLTrainer(SupervisedTrainer):
 
     Args:
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
-        max_epochs: epochs (passes over the unlabeled loader).
+        max_epochs: epochs (passes over the unlabeled loader, or ``epoch_length`` steps); ``None``: no epoch limit.
         train_data_loader: the **unlabeled** loader: dicts with ``weak_key`` and ``strong_key`` ``(B, C, H, W, D)``
             and optionally ``true_label_key`` (labels unknown to training; only for ``pseudo_label_accuracy``).
         labeled_data_loader: dicts with ``weak_key``, ``strong_key`` and ``label_key`` (classification: ``(B,)``
@@ -332,6 +333,8 @@ class S5CLTrainer(SupervisedTrainer):
         gather_distributed: SupCon negatives from every DDP rank.
         precision: ``"auto"``, ``"bf16"``, ``"amp"`` or ``"fp32"`` (see :func:`medssl.engines.utils.autocast`).
         weak_key, strong_key, label_key, true_label_key: batch keys.
+        max_iterations: optimizer steps (``None``: no iteration limit); with ``max_epochs``, whichever comes first
+            (:class:`medssl.handlers.budget.IterationBudget`).
         labeled_seed: seeds the order of every labeled pass (with the pass index); ``None``: ``torch.initial_seed()``
             at construction, i.e. the bundle's ``seed`` after ``seed_everything``. A ``RandomSampler`` (``shuffle``)
             and the loader's worker seeds draw from it, a sampler with ``set_epoch`` (``DistributedSampler``) gets
@@ -358,7 +361,7 @@ class S5CLTrainer(SupervisedTrainer):
     def __init__(
         self,
         device: str | torch.device,
-        max_epochs: int,
+        max_epochs: int | None,
         train_data_loader: Any,
         labeled_data_loader: Any,
         network: nn.Module,
@@ -380,6 +383,7 @@ class S5CLTrainer(SupervisedTrainer):
         label_key: str = "label",
         true_label_key: str = "true_label",
         labeled_seed: int | None = None,
+        max_iterations: int | None = None,
         **kwargs: Any,
     ) -> None:
         if mode not in MODES:
@@ -393,9 +397,10 @@ class S5CLTrainer(SupervisedTrainer):
             raise ConfigError("num_classes", "segmentation mode needs num_classes for the token labels")
         reject_reserved("S5CLTrainer", kwargs, ("amp", "decollate", "loss_function"))
         device = resolve_device(device)
+        epochs = initial_max_epochs(max_iterations, max_epochs, train_data_loader, kwargs.get("epoch_length"))
         super().__init__(
             device=device,
-            max_epochs=max_epochs,
+            max_epochs=epochs,
             train_data_loader=train_data_loader,
             network=network,
             optimizer=optimizer,
@@ -424,6 +429,7 @@ class S5CLTrainer(SupervisedTrainer):
 
         # after the train handlers' STARTED (a CheckpointHandler's restore sets the iteration)
         self.add_event_handler(Events.STARTED, S5CLTrainer._sync_switch_step)
+        attach_budget(self, max_iterations, max_epochs)
 
     # ------------------------------------------------------------------------------------------------ data
 
@@ -501,8 +507,6 @@ class S5CLTrainer(SupervisedTrainer):
     # ------------------------------------------------------------------------------------------- iteration
 
     def _iteration(self, engine: S5CLTrainer, batchdata: Mapping[str, torch.Tensor]) -> dict:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
         dev, nb = engine.state.device, engine.non_blocking
         weak_key, strong_key, label_key, true_key = engine.keys
         # one labeled batch per step: the draw index follows from the step (see the module docstring)

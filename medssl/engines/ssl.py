@@ -16,6 +16,7 @@ from medssl.engines.utils import (
     resolve_device,
     uses_grad_scaler,
 )
+from medssl.handlers.budget import attach_budget, initial_max_epochs
 from medssl.networks.outputs import first_output
 
 __all__ = ["TwoViewSSLTrainer"]
@@ -35,7 +36,7 @@ class TwoViewSSLTrainer(SupervisedTrainer):
 
     Args:
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
-        max_epochs: epochs to train.
+        max_epochs: epochs to train (``None``: no epoch limit; give it and/or ``max_iterations``).
         train_data_loader: yields dicts with ``clean_key``, ``view_keys`` (B, C, H, W, D).
         network: maps (B, C, H, W, D) to a reconstruction of the same shape (or a tuple whose first item is).
         optimizer: the optimizer.
@@ -44,13 +45,15 @@ class TwoViewSSLTrainer(SupervisedTrainer):
         precision: ``"auto"``, ``"bf16"``, ``"amp"`` or ``"fp32"`` (see :func:`medssl.engines.utils.autocast`).
         view_keys: the two view keys.
         clean_key: the clean target key.
+        max_iterations: optimizer steps to train (``None``: no iteration limit); with ``max_epochs``, whichever
+            comes first (:class:`medssl.handlers.budget.IterationBudget`).
         kwargs: other ``SupervisedTrainer`` arguments (``epoch_length``, ``train_handlers``, ...).
     """
 
     def __init__(
         self,
         device: str | torch.device,
-        max_epochs: int,
+        max_epochs: int | None,
         train_data_loader: Any,
         network: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
@@ -58,16 +61,18 @@ class TwoViewSSLTrainer(SupervisedTrainer):
         precision: str = "fp32",
         view_keys: Sequence[str] = ("image", "image_2"),
         clean_key: str = "gt_image",
+        max_iterations: int | None = None,
         **kwargs: Any,
     ) -> None:
         device = resolve_device(device)
         if len(view_keys) != 2:
             raise ValueError(f"view_keys must name two views, got {view_keys}")
         reject_reserved("TwoViewSSLTrainer", kwargs, ("amp", "decollate"))
+        epochs = initial_max_epochs(max_iterations, max_epochs, train_data_loader, kwargs.get("epoch_length"))
         # amp=True makes MONAI create the GradScaler in run(); autocast itself is ours (MONAI's is CUDA-only)
         super().__init__(
             device=device,
-            max_epochs=max_epochs,
+            max_epochs=epochs,
             train_data_loader=train_data_loader,
             network=network,
             optimizer=optimizer,
@@ -80,10 +85,9 @@ class TwoViewSSLTrainer(SupervisedTrainer):
         self.precision = precision
         self.view_keys = tuple(view_keys)
         self.clean_key = clean_key
+        attach_budget(self, max_iterations, max_epochs)
 
     def _iteration(self, engine: TwoViewSSLTrainer, batchdata: Mapping[str, torch.Tensor]) -> dict:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
         dev, nb = engine.state.device, engine.non_blocking
         k1, k2 = engine.view_keys
         view1 = batchdata[k1].to(dev, non_blocking=nb)

@@ -11,16 +11,15 @@ takes ``max_iterations`` and stops there, mid-epoch if need be.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 
 from medssl.engines.utils import autocast, cuda_amp_kwargs, reject_reserved, resolve_device, uses_grad_scaler
+from medssl.handlers.budget import attach_budget, initial_max_epochs
 
 __all__ = ["AutocastInferer", "SupervisedSegTrainer"]
 
@@ -67,14 +66,15 @@ class SupervisedSegTrainer(SupervisedTrainer):
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
         train_data_loader: the training loader (must have a length when ``max_iterations`` is given).
         network, optimizer, loss_function: as ``SupervisedTrainer``.
-        max_iterations: optimizer steps to run; training stops after exactly this many.
-        max_epochs: alternatively, epochs to run (give one of the two).
+        max_iterations: optimizer steps to run; training stops after exactly this many (``None``: no limit).
+        max_epochs: epochs to run (``None``: no limit); with both, whichever comes first
+            (:class:`medssl.handlers.budget.IterationBudget`).
         precision: ``"auto"``, ``"bf16"``, ``"amp"`` (fp16 + ``GradScaler`` on CUDA, fp32 on CPU) or ``"fp32"``.
         inferer: the training forward (default: the network on the whole batch).
         kwargs: other ``SupervisedTrainer`` arguments (``train_handlers``, ``postprocessing``, ...).
 
     Raises:
-        ValueError: neither or both of ``max_iterations`` / ``max_epochs``, or a non-positive budget.
+        ValueError: neither ``max_iterations`` nor ``max_epochs``, a non-positive budget, or an empty loader.
     """
 
     def __init__(
@@ -90,25 +90,15 @@ class SupervisedSegTrainer(SupervisedTrainer):
         inferer: Callable | None = None,
         **kwargs: Any,
     ) -> None:
-        if (max_iterations is None) == (max_epochs is None):
-            raise ValueError(f"give one of max_iterations / max_epochs, got {max_iterations} / {max_epochs}")
-        budget = max_iterations if max_iterations is not None else max_epochs
-        if int(budget) < 1:
-            raise ValueError(f"the training budget must be >= 1, got {budget}")
         reject_reserved("SupervisedSegTrainer", kwargs, ("amp", "amp_kwargs"))
         device = resolve_device(device)
-        self.max_iterations = None if max_iterations is None else int(max_iterations)
-        if self.max_iterations is not None:
-            per_epoch = kwargs.get("epoch_length") or len(train_data_loader)
-            if per_epoch < 1:
-                raise ValueError("the training data loader is empty")
-            max_epochs = math.ceil(self.max_iterations / per_epoch)
+        epochs = initial_max_epochs(max_iterations, max_epochs, train_data_loader, kwargs.get("epoch_length"))
         # the training output is a few scalars and batch tensors: decollating 4 x (C, 96^3) logits per step is waste
         kwargs.setdefault("decollate", False)
         # amp=True only for fp16 on CUDA: MONAI then creates the GradScaler (and autocasts as we do)
         super().__init__(
             device=device,
-            max_epochs=int(max_epochs),
+            max_epochs=epochs,
             train_data_loader=train_data_loader,
             network=network,
             optimizer=optimizer,
@@ -121,23 +111,7 @@ class SupervisedSegTrainer(SupervisedTrainer):
         self.precision = precision
         # fired inside the iteration, after the optimizer step: the lr of this step, before any handler logs
         self.add_event_handler(IterationEvents.MODEL_COMPLETED, self._record_scalars)
-        if self.max_iterations is not None:
-            # STARTED runs after a resume restored the counters (the checkpoint handler attaches first)
-            self.add_event_handler(Events.STARTED, self._fit_epochs_to_budget)
-            self.add_event_handler(Events.ITERATION_COMPLETED, self._stop_at_budget)
-
-    def _fit_epochs_to_budget(self, engine: SupervisedSegTrainer) -> None:
-        # a run stopped by the budget inside an epoch resumes with a fresh epoch: count epochs from the iterations
-        remaining = engine.max_iterations - engine.state.iteration
-        if remaining <= 0:
-            engine.terminate()
-            return
-        per_epoch = engine.state.epoch_length or len(engine.data_loader)
-        engine.state.max_epochs = engine.state.epoch + math.ceil(remaining / per_epoch)
-
-    def _stop_at_budget(self, engine: SupervisedSegTrainer) -> None:
-        if engine.state.iteration >= engine.max_iterations:
-            engine.terminate()
+        attach_budget(self, max_iterations, max_epochs)
 
     def _record_scalars(self, engine: SupervisedSegTrainer) -> None:
         # after backward the graph is spent: detached outputs let handlers read floats without autograd warnings

@@ -5,7 +5,7 @@ Output handlers (they log or write files) carry the class attribute ``main_proce
 """
 
 from medssl.handlers.batchnorm import BatchNormRecalibration
-from medssl.handlers.budget import StopAtIteration
+from medssl.handlers.budget import IterationBudget
 from medssl.handlers.checkpoint import BestOfCheckpoint, CheckpointHandler
 from medssl.handlers.guards import NonFiniteLossGuard
 from medssl.handlers.images import BestOverlaySaver, ImageGridSaver, TensorBoardImageGrid
@@ -18,12 +18,12 @@ __all__ = [
     "BestOverlaySaver",
     "CheckpointHandler",
     "ImageGridSaver",
+    "IterationBudget",
     "MetricHistory",
     "NonFiniteLossGuard",
     "PerClassDiceLogger",
     "ProgressBar",
     "RunTensorBoard",
-    "StopAtIteration",
     "TensorBoardImageGrid",
     "ValidationLog",
 ]

@@ -61,10 +61,11 @@ class ProgressBar:
 
     @staticmethod
     def total_iterations(engine) -> int | None:
-        """The run's iteration budget: the trainer's ``max_iterations`` where it has one, else epochs × length."""
-        budget = getattr(engine, "max_iterations", None)
-        if budget:
-            return int(budget)
+        """The run's iteration budget: the trainer's :class:`~medssl.handlers.budget.IterationBudget` where it has
+        one, else epochs × length."""
+        budget = getattr(engine, "budget", None)
+        if budget is not None:
+            return budget.total_iterations(engine)
         epochs, length = engine.state.max_epochs, engine.state.epoch_length
         return int(epochs * length) if epochs and length else None
 

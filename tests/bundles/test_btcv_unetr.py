@@ -119,6 +119,7 @@ def test_full_recipe_defaults(tmp_path):
         "learning_rate": 1e-4,
         "weight_decay": 1e-5,
         "max_iterations": 30000,
+        "max_epochs": None,
         "val_interval": 100,
         "sw_batch_size": 4,
         "num_classes": 14,

@@ -12,7 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from medssl.checkpoint import build_network, load_checkpoint, save_checkpoint
-from medssl.handlers import BatchNormRecalibration, BestOfCheckpoint, StopAtIteration, ValidationLog
+from medssl.handlers import BatchNormRecalibration, BestOfCheckpoint, ValidationLog
 from medssl.losses.consistency import ConsistencyWeight
 from tests.bundles.bundle_helpers import overrides as bundle_overrides
 from tests.bundles.bundle_helpers import tensorboard_scalars
@@ -210,6 +210,7 @@ def test_full_recipe_defaults(tmp_path):
         "roi_size": [112, 112, 80],
         "batch_size": 4,
         "max_iterations": 6000,
+        "max_epochs": None,
         "learning_rate": 0.01,
         "momentum": 0.9,
         "weight_decay": 1e-4,
@@ -302,18 +303,6 @@ def test_best_of_checkpoint_picks_across_candidates_and_ignores_the_start(tmp_pa
         BestOfCheckpoint(tmp_path / "m.pt", nets, {"teacher": evs["teacher"]}, cfg, "s")
     with pytest.raises(ValueError, match="'median'"):
         BestOfCheckpoint(tmp_path / "m.pt", nets, evs, cfg, "s", mode="median")
-
-
-@pytest.mark.parametrize("start", [0, 4, 5])
-def test_stop_at_iteration(start):
-    steps = []
-    engine = Engine(lambda e, b: steps.append(e.state.iteration))
-    engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "iteration", start))  # as a resume does
-    StopAtIteration(5).attach(engine)
-    engine.run(range(3), max_epochs=4)
-    assert engine.state.iteration == max(start, 5) and len(steps) == max(0, 5 - start)
-    with pytest.raises(ValueError, match="0"):
-        StopAtIteration(0)
 
 
 def test_batchnorm_recalibration_matches_a_naive_average():

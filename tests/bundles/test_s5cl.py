@@ -35,7 +35,7 @@ def _run(data: Path, out: Path, **extra) -> Path:
 def classification_run(ct_phantom, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("s5cl_cls") / "out"
     # 3 training cases x 6 organs x 2 patches, 1 labeled per class: 30 unlabeled patches, 8 steps per epoch
-    # (steps_per_epoch null = one pass of the unlabeled loader, overriding tiny.yaml's 4)
+    # (steps_per_epoch null = one pass of the unlabeled loader); 2 epochs = 16 steps
     return _run(
         Path(ct_phantom).parent,
         out,
@@ -43,6 +43,7 @@ def classification_run(ct_phantom, tmp_path_factory) -> Path:
         samples_per_organ=2,
         labeled_per_class=1,
         steps_per_epoch="$None",
+        max_iterations=16,
     )
 
 

@@ -35,7 +35,8 @@ def tiny_run(tiny_ct, tmp_path_factory) -> Path:
     from monai.bundle import run
 
     out = tmp_path_factory.mktemp("ssl_run") / "out"
-    run("training", config_file=CONFIGS, **bundle_overrides(tiny_ct, out))
+    # 2 epochs of 3 steps (tiny.yaml's budget is 4 steps)
+    run("training", config_file=CONFIGS, **bundle_overrides(tiny_ct, out, max_iterations=6))
     return out
 
 
@@ -87,12 +88,12 @@ def test_resume_continues_at_saved_step_with_identical_state(tiny_ct, tmp_path):
     from ignite.engine import Events
 
     straight, split = tmp_path / "straight", tmp_path / "split"
-    _workflow(tiny_ct, straight, max_epochs=2).run()
-    _workflow(tiny_ct, split, max_epochs=1).run()
+    _workflow(tiny_ct, straight, max_epochs=2, max_iterations=None).run()
+    _workflow(tiny_ct, split, max_epochs=1, max_iterations=None).run()
     saved = load_checkpoint(split / "last.pt")
     assert saved["progress"] == {"epoch": 1, "iteration": 3}
 
-    wf = _workflow(tiny_ct, split, max_epochs=2, resume=True)
+    wf = _workflow(tiny_ct, split, max_epochs=2, max_iterations=None, resume=True)
     trainer = wf.parser.get_parsed_content("train#trainer")
     seen = {}
 
@@ -148,6 +149,7 @@ def test_full_recipe_defaults(tmp_path):
         "batch_size": 4,
         "num_samples": 2,
         "max_epochs": 500,
+        "max_iterations": None,
         "val_interval": 2,
         "seed": 123,
         "learning_rate": 1e-4,

@@ -58,6 +58,7 @@ def test_resume_a_distributed_run(ddp_run, ct_phantom, torchrun_bundle, tmp_path
         (resumed / name).write_bytes((out / name).read_bytes())
     proc = torchrun_bundle(
         "ssl_pretrain", Path(ct_phantom).parent, resumed, "--resume", "true", "--max_epochs", "3",
+        "--max_iterations", "$None",
         "--validate_at_start", "false",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -70,7 +70,7 @@ CASES = {
         "ct_phantom",
         "TwoViewSSLTrainer",
         6,
-        {"max_epochs": "6"},
+        {"max_epochs": "6", "max_iterations": "$None"},
         max_kills=4,
     ),
     "btcv_unetr": Case(
@@ -107,14 +107,26 @@ CASES = {
         "ct_phantom",
         "S5CLTrainer",
         5,
-        {"max_epochs": "5", "steps_per_epoch": "$None", "labeled_per_class": "1", "pseudo_label_start": "12"},
+        {
+            "max_epochs": "5",
+            "max_iterations": "$None",
+            "steps_per_epoch": "$None",
+            "labeled_per_class": "1",
+            "pseudo_label_start": "12",
+        },
     ),
     "s5cl_segmentation": Case(
         ("bundles/s5cl.yaml", "bundles/tiny.yaml"),
         "ct_phantom",
         "S5CLTrainer",
         6,
-        {"mode": "segmentation", "max_epochs": "6", "steps_per_epoch": "$None", "pseudo_label_start": "3"},
+        {
+            "mode": "segmentation",
+            "max_epochs": "6",
+            "max_iterations": "$None",
+            "steps_per_epoch": "$None",
+            "pseudo_label_start": "3",
+        },
     ),
 }
 
