@@ -11,6 +11,7 @@ from medssl.handlers.guards import NonFiniteLossGuard
 from medssl.handlers.images import BestOverlaySaver, ImageGridSaver, TensorBoardImageGrid
 from medssl.handlers.metrics import MetricHistory, PerClassDiceLogger, RunTensorBoard, ValidationLog
 from medssl.handlers.progress import ProgressBar
+from medssl.handlers.tracking import MLflowRunLogger
 
 __all__ = [
     "BatchNormRecalibration",
@@ -18,6 +19,7 @@ __all__ = [
     "BestOverlaySaver",
     "CheckpointHandler",
     "ImageGridSaver",
+    "MLflowRunLogger",
     "MetricHistory",
     "NonFiniteLossGuard",
     "PerClassDiceLogger",
