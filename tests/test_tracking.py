@@ -111,3 +111,19 @@ def test_only_rank0_records_under_torchrun(ct_phantom, tmp_path):
     assert [s for s, _ in _history(client, r.info.run_id, "loss")] == [1, 2]
     assert [s for s, _ in _history(client, r.info.run_id, "val_mean_dice")] == [2]
     assert "model.pt" in {f.path for f in client.list_artifacts(r.info.run_id)}
+
+
+@needs_mlflow
+def test_ssl_pretrain_records_its_validation_metric_and_model(ct_phantom, tmp_path):
+    from monai.bundle import run
+
+    out = tmp_path / "out"
+    configs = [str(BUNDLES / f) for f in ("ssl_pretrain.yaml", "tiny.yaml")]
+    run("training", config_file=configs, tracking=TRACKING, bundle_root=str(tmp_path),
+        dataset_dir=str(Path(ct_phantom).parent), output_dir=str(out), max_epochs=1)  # fmt: skip
+    client, runs = _open_run(out)
+    assert len(runs) == 1
+    r = runs[0]
+    assert r.data.params["max_epochs"] == "1" and r.data.params["seed"] == "123"
+    assert {"loss", "val_l1"} <= set(r.data.metrics)
+    assert "model.pt" in {f.path for f in client.list_artifacts(r.info.run_id)}
