@@ -30,6 +30,7 @@ __all__ = [
     "ImageGridSaver",
     "TensorBoardImageGrid",
     "label_boundaries",
+    "CONTOUR_COLORS",
     "overlay_slices",
     "save_overlay_png",
     "BestOverlaySaver",
@@ -252,7 +253,7 @@ def label_boundaries(labels: np.ndarray) -> np.ndarray:
     Example::
 
         >>> square = np.zeros((5, 5), int); square[1:4, 1:4] = 1
-        >>> label_boundaries(square).sum()  # the 3 x 3 square minus its centre
+        >>> int(label_boundaries(square).sum())  # the 3 x 3 square minus its centre
         8
     """
     lab = np.asarray(labels)
