@@ -11,6 +11,7 @@ from medssl.handlers.guards import NonFiniteLossGuard
 from medssl.handlers.images import BestOverlaySaver, ImageGridSaver, TensorBoardImageGrid
 from medssl.handlers.metrics import MetricHistory, PerClassDiceLogger, RunTensorBoard, ValidationLog
 from medssl.handlers.progress import ProgressBar
+from medssl.handlers.tracking import MLflowRunLogger
 
 __all__ = [
     "BatchNormRecalibration",
@@ -19,6 +20,7 @@ __all__ = [
     "CheckpointHandler",
     "ImageGridSaver",
     "IterationBudget",
+    "MLflowRunLogger",
     "MetricHistory",
     "NonFiniteLossGuard",
     "PerClassDiceLogger",

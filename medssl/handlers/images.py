@@ -3,8 +3,9 @@
 - :func:`image_grid` / :func:`save_image_grid`: axial slices of several volumes tiled in rows.
 - :class:`ImageGridSaver` (a PNG of the first batch, e.g. clean / view 1 / view 2) and
   :class:`TensorBoardImageGrid` (every N epochs).
-- :func:`save_overlay_png` and :class:`BestOverlaySaver`: the first validation case (image, reference, prediction
-  as coloured overlays) each time the key metric improves, i.e. for the checkpoint saved as ``model.pt``.
+- :func:`save_overlay_png` and :class:`BestOverlaySaver`: the first validation case each time the key metric
+  improves, i.e. for the checkpoint saved as ``model.pt``: the image, reference and prediction as coloured label
+  maps, and the reference and prediction contours (:func:`label_boundaries`) on the same slice.
 
 All are output handlers (``main_process_only``): under torchrun they are attached on rank 0 only.
 """
@@ -28,6 +29,8 @@ __all__ = [
     "save_image_grid",
     "ImageGridSaver",
     "TensorBoardImageGrid",
+    "label_boundaries",
+    "CONTOUR_COLORS",
     "overlay_slices",
     "save_overlay_png",
     "BestOverlaySaver",
@@ -232,6 +235,51 @@ def overlay_slices(reference: np.ndarray, prediction: np.ndarray, num_slices: in
     return [int(candidates[i]) for i in pick]
 
 
+def label_boundaries(labels: np.ndarray) -> np.ndarray:
+    """The contour pixels of a 2D label map: foreground pixels with a 4-neighbour of another label.
+
+    Pixels on the border of the array count as contour when they are foreground (outside is background), and a
+    boundary between two touching labels is a contour of both.
+
+    Args:
+        labels: (H, W) integer labels, 0 = background.
+
+    Returns:
+        a boolean (H, W) mask.
+
+    Raises:
+        ValueError: ``labels`` is not 2D.
+
+    Example::
+
+        >>> square = np.zeros((5, 5), int); square[1:4, 1:4] = 1
+        >>> int(label_boundaries(square).sum())  # the 3 x 3 square minus its centre
+        8
+    """
+    lab = np.asarray(labels)
+    if lab.ndim != 2:
+        raise ValueError(f"expected a 2D label map, got shape {lab.shape}")
+    padded = np.pad(lab, 1, constant_values=0)
+    centre = padded[1:-1, 1:-1]
+    differs = np.zeros(lab.shape, dtype=bool)
+    for neighbour in (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]):
+        differs |= neighbour != centre
+    return (lab != 0) & differs
+
+
+#: colours of the contour row: reference, prediction, and where both contours run through the same pixel
+CONTOUR_COLORS = {"reference": (0.0, 0.9, 0.0), "prediction": (1.0, 0.1, 0.9), "both": (1.0, 0.95, 0.0)}
+
+
+def _contour_rgba(reference: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """(H, W, 4) overlay of the reference and prediction contours in :data:`CONTOUR_COLORS` (transparent elsewhere)."""
+    ref, pred = label_boundaries(reference), label_boundaries(prediction)
+    rgba = np.zeros((*ref.shape, 4), dtype=np.float32)
+    for mask, name in ((ref & ~pred, "reference"), (pred & ~ref, "prediction"), (ref & pred, "both")):
+        rgba[mask] = (*CONTOUR_COLORS[name], 1.0)
+    return rgba
+
+
 def save_overlay_png(
     path: str | os.PathLike,
     image: Any,
@@ -242,7 +290,11 @@ def save_overlay_png(
     title: str = "",
     dpi: int = 100,
 ) -> Path:
-    """A PNG of rows image / reference / prediction (labels as coloured overlays) over ``num_slices`` slices.
+    """A PNG of rows image / reference / prediction / contours over ``num_slices`` slices.
+
+    The reference and prediction rows show the label maps in one colour per class (legend: class names); the
+    contours row shows both outlines on the same slice (:func:`label_boundaries`): reference green, prediction
+    magenta, yellow where they coincide.
 
     Args:
         path: output PNG (written atomically).
@@ -260,6 +312,7 @@ def save_overlay_png(
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     img = _as_numpy(image)
@@ -274,9 +327,9 @@ def save_overlay_png(
     cmap = ListedColormap(colors)
     slices = overlay_slices(ref, pred, num_slices)
 
-    rows = {"image": None, "reference": ref, "prediction": pred}
+    rows = {"image": None, "reference": ref, "prediction": pred, "contours": None}
     fig, axes = plt.subplots(
-        len(rows), len(slices), figsize=(2.2 * len(slices) + 2.0, 2.2 * len(rows)), dpi=dpi, squeeze=False
+        len(rows), len(slices), figsize=(2.2 * len(slices) + 2.5, 2.2 * len(rows)), dpi=dpi, squeeze=False
     )
     for r, (name, labels) in enumerate(rows.items()):
         for c, z in enumerate(slices):
@@ -286,6 +339,8 @@ def save_overlay_png(
                 lab = np.rot90(labels[..., z])
                 ax.imshow(np.ma.masked_where(lab == 0, lab - 1), cmap=cmap, vmin=0, vmax=n_colors - 1, alpha=0.5,
                           interpolation="nearest")  # fmt: skip
+            elif name == "contours":
+                ax.imshow(_contour_rgba(np.rot90(ref[..., z]), np.rot90(pred[..., z])), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
@@ -293,13 +348,14 @@ def save_overlay_png(
             if r == 0:
                 ax.set_title(f"z={z}", fontsize=8)
     present = sorted((set(np.unique(ref).tolist()) | set(np.unique(pred).tolist())) - {0})
-    if present:
-        names = class_names or {}
-        handles = [Patch(color=colors[(k - 1) % len(colors)], label=names.get(k, str(k))) for k in present]
-        fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
+    names = class_names or {}
+    handles = [Patch(color=colors[(k - 1) % len(colors)], label=names.get(k, str(k))) for k in present]
+    contour_labels = {"reference": "reference contour", "prediction": "prediction contour", "both": "both contours"}
+    handles += [Line2D([], [], color=CONTOUR_COLORS[k], linewidth=2, label=v) for k, v in contour_labels.items()]
+    fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.85 if present else 1, 1))
+    fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))  # 2.3 inches on the right for the legend
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
