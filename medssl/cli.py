@@ -230,7 +230,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
         if missing:
             raise ConfigError(None, f"study needs {' and '.join(missing)} (or --config STUDY.yaml)")
         cfg = StudyConfig(**{k: v for k, v in cli.items() if v is not None})
-    paths = run_study(cfg)
+    if cfg.acquisition:
+        from medssl.study_acquisition import run_acquisition
+
+        paths = run_acquisition(cfg)
+    else:
+        paths = run_study(cfg)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

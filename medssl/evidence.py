@@ -211,7 +211,12 @@ def run_evidence(
         )
         print(f"\n== evidence: {task} ({cfg.title})", flush=True)
         t0 = time.perf_counter()
-        paths = run_study(cfg)
+        if cfg.acquisition:
+            from medssl.study_acquisition import run_acquisition
+
+            paths = run_acquisition(cfg)
+        else:
+            paths = run_study(cfg)
         sections[task] = {"cfg": cfg, "paths": paths, "seconds": time.perf_counter() - t0}
     full = not (only or labeled or seeds or budget)
     commit = _git_commit(resources.project_home("bundles"))

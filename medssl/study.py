@@ -49,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -441,8 +441,19 @@ def _claim_study(
     append_history(out / "study.json", {"config": asdict(cfg), "cells": fps, "redone": redone})
 
 
-def run_study(cfg: StudyConfig) -> dict[str, Path]:
-    """Run (or resume) a study; returns the paths of ``results.csv``, ``results.md`` and ``results.png``."""
+class _Inputs(NamedTuple):
+    """What every study (the label grid or the acquisition rounds) reads and checks before running cells."""
+
+    datalist: Any  # medssl.data.datalist.Datalist
+    base: dict[str, Any]  # training / validation / unlabeled items
+    task: str
+    bundles: Path
+    out: Path
+    common: dict[str, Any]  # overrides of every run
+
+
+def _study_inputs(cfg: StudyConfig) -> _Inputs:
+    """Check ``cfg`` against its datalist and the task; create the output folder."""
     from medssl.data.datalist import load_datalist
 
     unknown = [m for m in cfg.methods if m not in METHODS]
@@ -472,10 +483,21 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
 
     common = {"bundle_root": str(bundles.parent), "device": cfg.device, "precision": cfg.precision}
     common.update(cfg.overrides)
-    if cfg.acquisition:
-        from medssl.study_acquisition import run_acquisition
+    return _Inputs(dl, base, task, bundles, out, common)
 
-        return run_acquisition(cfg, base=base, labels=dl.labels, task=task, bundles=bundles, common=common)
+
+def run_study(cfg: StudyConfig) -> dict[str, Path]:
+    """Run (or resume) a study; returns the paths of ``results.csv``, ``results.md`` and ``results.png``.
+
+    Raises:
+        ConfigError: ``cfg.acquisition`` is set: run it with :func:`medssl.study_acquisition.run_acquisition`.
+    """
+    if cfg.acquisition:
+        raise ConfigError(
+            "acquisition", "an acquisition study runs through medssl.study_acquisition.run_acquisition (or the CLI)"
+        )
+    dl, base, task, bundles, out, common = _study_inputs(cfg)
+    train_items = base["training"]
     cells = [(m, n, s) for s in cfg.seed_list for n in sorted(cfg.labeled) for m in cfg.methods]
     subsets = {s: nested_subsets(len(train_items), cfg.labeled, s) for s in cfg.seed_list}
     _claim_study(cfg, out, bundles, task, base, dl.labels, cells, subsets)

@@ -108,42 +108,33 @@ class _Chain:
         self.added: list[list[int]] = []
 
 
-def run_acquisition(
-    cfg: StudyConfig,
-    *,
-    base: Mapping[str, Any],
-    labels: Mapping[int, str],
-    task: str,
-    bundles: Path,
-    common: Mapping[str, Any],
-) -> dict[str, Path]:
-    """Run (or resume) the acquisition rounds of ``cfg`` (called by :func:`medssl.study.run_study`).
+def run_acquisition(cfg: StudyConfig) -> dict[str, Path]:
+    """Run (or resume) the acquisition rounds of ``cfg`` (``medssl study --acquisition``).
 
     Args:
         cfg: the study; ``acquisition``, ``rounds``, ``step`` and ``diversity`` shape the rounds, ``methods`` names
-            the one method trained, ``min(labeled)`` is round 0's labeled count.
-        base: the loaded datalist items (``training``, ``validation``, optional ``unlabeled``).
-        labels: class index → name.
-        task: ``btcv`` or ``la``.
-        bundles: the bundles folder.
-        common: overrides of every run (bundle root, device, precision, the study's overrides).
+            the one method trained, ``min(labeled)`` is round 0's labeled count; the other keys as for
+            :func:`medssl.study.run_study`.
 
     Returns:
         the paths of ``results.csv``, ``rounds.csv``, ``results.md`` and ``results.png``.
 
     Raises:
-        ConfigError: unknown strategy, not exactly one method, rounds / step out of range for the pool.
+        ConfigError: no or unknown strategies, not exactly one method, rounds / step out of range for the pool, and
+            whatever :func:`medssl.study.run_study` refuses.
     """
     from medssl.suggest import STRATEGIES
 
     strategies = list(dict.fromkeys(cfg.acquisition))
     unknown = [s for s in strategies if s not in STRATEGIES or s == "teacher_student"]
-    if unknown:
+    if unknown or not strategies:
         usable = [s for s in STRATEGIES if s != "teacher_student"]
         raise ConfigError("acquisition", f"unknown strategies {unknown} (use {', '.join(usable)})")
     if len(cfg.methods) != 1:
         raise ConfigError("methods", f"the acquisition study trains one method, got {cfg.methods} (e.g. scratch)")
     method = cfg.methods[0]
+    dl, base, task, bundles, out, common = study._study_inputs(cfg)
+    labels = dl.labels
     rounds, step = int(cfg.rounds), int(cfg.step)
     pool = len(base["training"])
     n0 = min(int(n) for n in cfg.labeled)
@@ -152,15 +143,10 @@ def run_acquisition(
             "rounds",
             f"{n0} labeled + {rounds} round(s) x {step} need {n0 + rounds * step} training cases, the pool has {pool}",
         )
-    out = Path(cfg.out)
     cells_root = out / "cells"
     pretrained = None
     if method.startswith("pretrained"):
-        pre = {
-            **common,
-            "datalist": str(cfg.datalist),
-            "dataset_dir": str(cfg.dataset_dir or Path(cfg.datalist).parent),
-        }
+        pre = {**common, "datalist": str(dl.path), "dataset_dir": str(dl.dataset_dir)}
         pretrained = study._pretrained_checkpoint(cfg, bundles, pre, out)
     settings = {
         "bundles": [bundles / f for f in study.BUNDLES[(task, study._STAGE[method])]],

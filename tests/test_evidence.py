@@ -53,7 +53,7 @@ def test_the_acquisition_study_gets_its_own_csv_and_panel_on_the_ct_phantom(tmp_
         (out / "results.md").write_text("# Acquisition study\n\n| strategy | 1 annotated (round 0) |\n")
         return {"csv": out / "results.csv", "md": out / "results.md"}
 
-    monkeypatch.setattr("medssl.study.run_study", fake_study)
+    monkeypatch.setattr("medssl.study_acquisition.run_acquisition", fake_study)
     monkeypatch.setattr("medssl.demo.threshold_baseline", lambda datalist: 0.25)
     monkeypatch.setattr("medssl.data.phantoms.ensure_phantom", lambda kind, folder, **kw: folder / "datalist.json")
     paths = evidence.run_evidence(tmp_path / "runs", tmp_path / "docs", only=["ct_acquisition"], seeds=1, budget=3)

@@ -6,7 +6,7 @@ import pytest
 
 from medssl.errors import ConfigError
 from medssl.study import StudyConfig, run_study
-from medssl.study_acquisition import acquisition_table, round_datalist
+from medssl.study_acquisition import acquisition_table, round_datalist, run_acquisition
 
 BASE = {
     "training": [{"image": f"/d/img{k}.nii.gz", "label": f"/d/lab{k}.nii.gz"} for k in range(5)],
@@ -49,11 +49,13 @@ def test_acquisition_table_reports_rounds_and_dice_per_added_volume():
 def test_acquisition_needs_one_method_and_a_pool_for_its_rounds(ct_phantom, tmp_path):
     kw = dict(datalist=str(ct_phantom), out=str(tmp_path / "s"), labeled=[1], seeds=1, acquisition=["random"])
     with pytest.raises(ConfigError, match="one method"):
-        run_study(StudyConfig(**kw, methods=["scratch", "mean_teacher"]))
+        run_acquisition(StudyConfig(**kw, methods=["scratch", "mean_teacher"]))
     with pytest.raises(ConfigError, match="need 4 training cases, the pool has 3"):
-        run_study(StudyConfig(**kw, methods=["scratch"], rounds=3))
+        run_acquisition(StudyConfig(**kw, methods=["scratch"], rounds=3))
     with pytest.raises(ConfigError, match="unknown strategies"):
-        run_study(StudyConfig(**{**kw, "acquisition": ["loudest"]}, methods=["scratch"]))
+        run_acquisition(StudyConfig(**{**kw, "acquisition": ["loudest"]}, methods=["scratch"]))
+    with pytest.raises(ConfigError, match="run_acquisition"):  # the label grid refuses rounds it does not run
+        run_study(StudyConfig(**kw, methods=["scratch"]))
 
 
 def _rounds(path):
@@ -78,9 +80,10 @@ def test_tiny_acquisition_study_runs_end_to_end_and_resumes(ct_phantom, tmp_path
         acquisition=["random", "entropy"],
         rounds=2,
         step=1,
+        jobs=2,  # the two strategies' rounds run side by side (one thread each)
     )
     before = ct_phantom.read_text()
-    paths = run_study(cfg)
+    paths = run_acquisition(cfg)
     assert ct_phantom.read_text() == before  # the study's datalist is never touched
     with open(paths["csv"]) as f:
         rows = list(csv.DictReader(f))
@@ -105,7 +108,7 @@ def test_tiny_acquisition_study_runs_end_to_end_and_resumes(ct_phantom, tmp_path
         raise AssertionError("a finished cell was trained again")
 
     monkeypatch.setattr("medssl.study._run_logged", no_training)
-    again = run_study(cfg)  # the same choices (deterministic), every cell reused
+    again = run_acquisition(cfg)  # the same choices (deterministic), every cell reused
     assert _rounds(again["rounds"]) == picks
     assert again["csv"].read_text() == paths["csv"].read_text()
 
