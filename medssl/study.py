@@ -384,6 +384,18 @@ def _cell_run(
     return files, overrides
 
 
+def _wait_all(futures: Sequence[Any]) -> None:
+    """Wait for every future; the other cells still finish when one fails, the first failure is raised after."""
+    errors = []
+    for future in futures:
+        try:
+            future.result()
+        except MedsslError as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
 def _cell_name(method: str, n: int, seed: int) -> str:
     return f"{method}_n{n}_seed{seed}"
 
@@ -550,15 +562,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
         # "cell k/N, ETA" over the cells left to run; the ETA (mean time per finished cell) holds for parallel jobs
         progress = Progress(len(pending), "study", unit="cell")
         with progress, _LiveProgress(running, lock), ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(run_cell, *cell) for cell in pending]
-            errors = []
-            for future in futures:
-                try:
-                    future.result()
-                except MedsslError as e:  # the other cells still finish; the first failure is raised after
-                    errors.append(e)
-            if errors:
-                raise errors[0]
+            _wait_all([pool.submit(run_cell, *cell) for cell in pending])
 
     rows: list[dict[str, Any]] = []
     for method, n, seed in cells:

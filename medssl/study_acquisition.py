@@ -45,7 +45,7 @@ import numpy as np
 
 from medssl import study
 from medssl.atomic import atomic_write_text
-from medssl.errors import ConfigError, MedsslError
+from medssl.errors import ConfigError
 from medssl.progress import Progress, format_seconds
 from medssl.study import RESULT_COLUMNS, StudyConfig
 from medssl.study_fingerprint import append_history, claim_cells, content_sha256, file_sha256, fingerprint
@@ -163,7 +163,7 @@ def run_acquisition(cfg: StudyConfig) -> dict[str, Path]:
     }
     fps: dict[str, dict[str, Any]] = {}
     redone: list[str] = []
-    claim_lock = threading.Lock()
+    claim_lock = threading.Lock()  # chains claim their rounds from worker threads
 
     def claim(name: str, datalist: Mapping[str, Any], seed: int, **extra: Any) -> None:
         fp = fingerprint(datalist=datalist, seed=int(seed), **settings, **extra)
@@ -181,6 +181,8 @@ def run_acquisition(cfg: StudyConfig) -> dict[str, Path]:
     results: dict[str, list[dict[str, str]]] = {}
     total = len(seeds) * (1 + rounds * len(strategies))
     progress = Progress(total, "acquisition", unit="cell")
+    running: dict[str, Path] = {}  # the training cells' logs, for the periodic "running: ..." line
+    lock = threading.Lock()
 
     def train_and_score(name: str, datalist: Mapping[str, Any], seed: int, tag: str) -> None:
         cell_dir = cells_root / name
@@ -195,9 +197,14 @@ def run_acquisition(cfg: StudyConfig) -> dict[str, Path]:
         if not (cell_dir / "trained.json").is_file():
             files, overrides = study._cell_run(cfg, bundles, task, method, common, cell_dir, seed, pretrained)
             log.info("%s: training %d labeled (%d thread(s))", tag, len(datalist["training"]), threads)
-            study._run_logged(
-                study._bundle_command(files, overrides), cell_dir / "train.log", f"training cell {tag}", threads
-            )
+            with lock:
+                running[tag] = cell_dir / "train.log"
+            try:
+                command = study._bundle_command(files, overrides)
+                study._run_logged(command, cell_dir / "train.log", f"training cell {tag}", threads)
+            finally:
+                with lock:
+                    running.pop(tag, None)
             study._mark(cell_dir / "trained.json", {"budget": int(cfg.budget)})
         rows = study._evaluate_cell(cell_dir, cell_dir / "datalist.json", cfg)
         study._mark(done, {"rows": rows})
@@ -244,25 +251,19 @@ def run_acquisition(cfg: StudyConfig) -> dict[str, Path]:
                 chosen=[_case(base["training"][i]) for i in added],
                 previous=content_sha256(fps[chain.previous]),
             )
-            tag = f"{chain.strategy} round {rnd} seed {chain.seed} (+{', '.join(_case(base['training'][i]) for i in added)})"
+            cases = ", ".join(_case(base["training"][i]) for i in added)
+            tag = f"{chain.strategy} round {rnd} seed {chain.seed} (+{cases})"
             train_and_score(name, datalist, chain.seed, tag)
             chain.labeled = sorted(set(chain.labeled) | set(added))
             chain.added.append(added)
             chain.previous = name
 
     chains = [_Chain(st, s, starts[s], _cell_name(method, None, 0, s)) for s in seeds for st in strategies]
-    with progress, ThreadPoolExecutor(max_workers=jobs) as pool_exec:
-        _wait_all(
-            pool_exec.submit(
-                train_and_score,
-                _cell_name(method, None, 0, s),
-                study.cell_datalist(base, starts[s], labels),
-                s,
-                f"round 0 seed {s} ({n0} labeled)",
-            )
-            for s in seeds
-        )
-        _wait_all(pool_exec.submit(run_chain, chain) for chain in chains)
+    with progress, study._LiveProgress(running, lock), ThreadPoolExecutor(max_workers=jobs) as pool_exec:
+        round0 = [(_cell_name(method, None, 0, s), study.cell_datalist(base, starts[s], labels), s) for s in seeds]
+        tags = [f"round 0 seed {s} ({n0} labeled)" for s in seeds]
+        study._wait_all([pool_exec.submit(train_and_score, *cell, tag) for cell, tag in zip(round0, tags)])
+        study._wait_all([pool_exec.submit(run_chain, chain) for chain in chains])
     append_history(out / "study.json", {"config": asdict(cfg), "cells": fps, "redone": redone})
 
     rows: list[dict[str, Any]] = []
@@ -284,17 +285,6 @@ def run_acquisition(cfg: StudyConfig) -> dict[str, Path]:
                 }
             )
     return write_acquisition_results(rows, picks, out, strategies=strategies, title=cfg.title)
-
-
-def _wait_all(futures: Any) -> None:
-    errors = []
-    for future in list(futures):
-        try:
-            future.result()
-        except MedsslError as e:  # the other cells still finish; the first failure is raised after
-            errors.append(e)
-    if errors:
-        raise errors[0]
 
 
 def _as_method(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
