@@ -16,10 +16,12 @@ Cells are ``(strategy, seed, round)``; a round depends on the previous round of 
 cell's fingerprint (:mod:`medssl.study_fingerprint`) holds the case list it trains on, the cases chosen for it and
 the previous round's fingerprint, so a rerun reuses a finished cell only when the same cases were chosen by the same
 chain; the volumes' scores are cached beside the model that scored them (``<previous cell>/.suggest_cache``), so
-resuming does not segment the pool again. Outputs in ``out``: ``results.csv`` (one row per strategy × round × seed × case × class), ``rounds.csv``
-(the cases each strategy added per round and seed), ``results.md`` (mean ± sd Dice per strategy against the number
-of annotated volumes, the Dice points per added volume, and the paired gain over ``random`` per seed) and
-``results.png``.
+resuming does not segment the pool again.
+
+Outputs in ``out``: ``results.csv`` (one row per strategy × round × seed × case × class), ``rounds.csv`` (the cases
+each strategy added per round and seed), ``results.md`` (mean ± sd Dice per strategy against the number of annotated
+volumes, the Dice points per added volume, and the paired gain of each strategy over ``random`` at each round, per
+seed) and ``results.png``.
 
 Example::
 
