@@ -216,7 +216,13 @@ def _cmd_study(args: argparse.Namespace) -> int:
         "jobs": args.jobs,
         "threads": args.threads,
         "redo_changed": args.redo_changed,
+        "acquisition": args.acquisition,
+        "rounds": args.rounds,
+        "step": args.step,
+        "diversity": args.diversity,
     }
+    if args.acquisition and not args.methods and not args.config:
+        cli["methods"] = ["scratch"]  # the acquisition study trains one method: fine-tuning from scratch by default
     if args.config:
         cfg = StudyConfig.from_yaml(args.config, **cli)
     else:
@@ -224,7 +230,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
         if missing:
             raise ConfigError(None, f"study needs {' and '.join(missing)} (or --config STUDY.yaml)")
         cfg = StudyConfig(**{k: v for k, v in cli.items() if v is not None})
-    paths = run_study(cfg)
+    if cfg.acquisition:
+        from medssl.study_acquisition import run_acquisition
+
+        paths = run_acquisition(cfg)
+    else:
+        paths = run_study(cfg)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -440,6 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="recompute the cells whose settings changed since they ran (default: refuse to mix settings)",
     )
+    p.add_argument(
+        "--acquisition",
+        nargs="+",
+        default=None,
+        help="active-learning rounds instead of the label grid: strategies to compare, e.g. random entropy "
+        "(round 0 = the smallest --labeled count; one method, default scratch)",
+    )
+    p.add_argument("--rounds", type=int, default=None, help="acquisition rounds after round 0 (default: 2)")
+    p.add_argument("--step", type=int, default=None, help="volumes annotated per acquisition round (default: 1)")
+    p.add_argument("--diversity", type=float, default=None, help="acquisition selection diversity (default: 0.5)")
     p = _add(
         sub,
         "suggest",

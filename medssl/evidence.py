@@ -11,6 +11,11 @@ and resumes a killed one), then one report in ``docs/evidence/``:
   sees the same labeled crops per step (2), Mean Teacher adds 2 unlabeled ones; no dropout (see
   ``docs/evidence/diagnosis.md``).
 
+* **CT acquisition** (which volumes to label next): starting from 1 labeled volume of the same CT phantom, 2 rounds
+  that each annotate 1 more, chosen at random or by the previous round's predictive entropy
+  (:mod:`medssl.study_acquisition`), UNETR from scratch with the CT study's settings, 3 seeds; its table is Dice
+  against annotated volumes per strategy and the paired gain of entropy over random (``acquisition.csv``).
+
 Every model is scored once, after its full budget (``val_interval`` = budget): no checkpoint is selected on the
 validation volumes the tables report. The report states the machine, the commit, the precision and the wall time,
 and for each method the per-seed gains over its baseline.
@@ -76,6 +81,21 @@ EVIDENCE: dict[str, dict[str, Any]] = {
         },
         "overlays": ["cpu_study.yaml"],
         "title": "CT phantom (5 organs): UNETR scratch / SSL-pretrained / Mean Teacher / both",
+    },
+    "ct_acquisition": {
+        "phantom": "ct",  # the CT study's phantom (the same folder)
+        "study": {
+            "labeled": [1],
+            "methods": ["scratch"],
+            "acquisition": ["random", "entropy"],
+            "rounds": 2,
+            "step": 1,
+            "seeds": 3,
+            "budget": 300,
+            "overrides": {"num_classes": 6, "num_samples": 2},
+        },
+        "overlays": ["cpu_study.yaml"],
+        "title": "CT phantom (5 organs): UNETR from scratch, 1 labeled + 2 rounds of 1 chosen by random / entropy",
     },
     "la": {
         "phantom": {"kind": "la-mri", "seed": _PHANTOM_SEED, "cases": 12, "unlabeled": 8, "shape": (64, 64, 48)},
@@ -164,9 +184,10 @@ def run_evidence(
     sections: dict[str, dict[str, Any]] = {}
     for task in tasks:
         spec = EVIDENCE[task]
-        phantom = dict(spec["phantom"])
+        source = spec["phantom"] if isinstance(spec["phantom"], str) else task  # another study's phantom, reused
+        phantom = dict(EVIDENCE[source]["phantom"])
         kind = phantom.pop("kind")
-        datalist = ensure_phantom(kind, out / f"{task}_phantom", **phantom)
+        datalist = ensure_phantom(kind, out / f"{source}_phantom", **phantom)
         study = {**spec["study"]}
         if labeled:
             study["labeled"] = [n for n in study["labeled"] if n in set(labeled)] or list(labeled)
@@ -190,7 +211,12 @@ def run_evidence(
         )
         print(f"\n== evidence: {task} ({cfg.title})", flush=True)
         t0 = time.perf_counter()
-        paths = run_study(cfg)
+        if cfg.acquisition:
+            from medssl.study_acquisition import run_acquisition
+
+            paths = run_acquisition(cfg)
+        else:
+            paths = run_study(cfg)
         sections[task] = {"cfg": cfg, "paths": paths, "seconds": time.perf_counter() - t0}
     full = not (only or labeled or seeds or budget)
     commit = _git_commit(resources.project_home("bundles"))
@@ -217,6 +243,7 @@ def _write_report(
     docs.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = None
+    paths_extra: dict[str, Path] = {}
     md = ["# medssl evidence: what pretraining and unlabeled data buy on phantoms", ""]
     md.append(
         f"Run: `make evidence`{'' if full else ' (PARTIAL: a subset of the full configuration)'}; commit "
@@ -235,16 +262,25 @@ def _write_report(
         cfg = sec["cfg"]
         with open(sec["paths"]["csv"], encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
+        table = Path(sec["paths"]["md"]).read_text(encoding="utf-8").split("\n", 2)[2]
+        md += ["", f"## {task.upper()}", "", f"Study folder: `{Path(cfg.out)}`; {sec['seconds'] / 60:.1f} min.", ""]
+        md.append(table.strip())
+        if cfg.acquisition:  # other columns (strategy, round): a CSV of its own; Dice against annotated volumes
+            paths_extra[task] = atomic_write_text(
+                docs / f"{task.removeprefix('ct_')}.csv", Path(sec["paths"]["csv"]).read_text(encoding="utf-8")
+            )
+            counts = sorted({int(r["labeled"]) for r in rows})
+            draw_results(
+                ax, aggregate([{**r, "method": r["strategy"]} for r in rows]), cfg.acquisition, counts, title=cfg.title
+            )
+            continue
         if writer is None:
             writer = csv.DictWriter(buf, fieldnames=["task", *rows[0].keys()], lineterminator="\n")
             writer.writeheader()
         writer.writerows({"task": task, **r} for r in rows)
-        table = Path(sec["paths"]["md"]).read_text(encoding="utf-8").split("\n", 2)[2]
-        md += ["", f"## {task.upper()}", "", f"Study folder: `{Path(cfg.out)}`; {sec['seconds'] / 60:.1f} min.", ""]
-        md.append(table.strip())
         draw_results(ax, aggregate(rows), cfg.methods, sorted(cfg.labeled), title=cfg.title, reference=cfg.reference)
     fig.tight_layout()
-    paths = {"csv": atomic_write_text(docs / "results.csv", buf.getvalue())}
+    paths = {"csv": atomic_write_text(docs / "results.csv", buf.getvalue()), **paths_extra}
     paths["md"] = atomic_write_text(docs / "results.md", "\n".join(md) + "\n")
     try:
         paths["png"] = atomic_save_figure(fig, docs / "results.png")

@@ -49,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -149,6 +149,11 @@ class StudyConfig:
             ``scratch`` as Mean Teacher's labeled half: ``{"scratch": {"batch_size": 2}}``.
         redo_changed: recompute the cells whose settings differ from those they were computed with (default:
             refuse to mix them, see :mod:`medssl.study_fingerprint`).
+        acquisition: active-learning strategies (:data:`medssl.suggest.STRATEGIES`) to compare instead of the
+            label-efficiency grid; see :mod:`medssl.study_acquisition` (one method, the smallest labeled count).
+        rounds: acquisition rounds after round 0.
+        step: volumes annotated per acquisition round.
+        diversity: the acquisition's :func:`medssl.suggest.select` diversity weight.
     """
 
     datalist: str
@@ -173,6 +178,10 @@ class StudyConfig:
     reference: dict[str, float] = field(default_factory=dict)
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     redo_changed: bool = False
+    acquisition: list[str] = field(default_factory=list)
+    rounds: int = 2
+    step: int = 1
+    diversity: float = 0.5
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **cli: Any) -> StudyConfig:
@@ -345,6 +354,48 @@ class _LiveProgress:
                     log.info("running: %s", " | ".join(parts))
 
 
+def _cell_run(
+    cfg: StudyConfig,
+    bundles: Path,
+    task: str,
+    method: str,
+    common: Mapping[str, Any],
+    cell_dir: Path,
+    seed: int,
+    pretrained: str | None,
+) -> tuple[list[Path], dict[str, Any]]:
+    """The bundle files and overrides that train one cell on ``cell_dir/datalist.json`` into ``cell_dir``."""
+    files = [bundles / f for f in BUNDLES[(task, _STAGE[method])]]
+    files += [Path(p).resolve() for p in cfg.overlays]
+    overrides = {
+        **common,
+        "datalist": str(cell_dir / "datalist.json"),
+        "dataset_dir": str(cell_dir),
+        "output_dir": str(cell_dir),
+        "seed": int(seed),
+        "max_iterations": int(cfg.budget),
+        "pretrained_ckpt": pretrained if method.startswith("pretrained") else None,
+        "resume": "true",  # a killed cell continues from its last.pt
+    }
+    if cfg.val_interval is not None:
+        overrides["val_interval"] = int(cfg.val_interval)
+    overrides.update(METHOD_OVERRIDES.get(method, {}))
+    overrides.update(cfg.method_overrides.get(method, {}))
+    return files, overrides
+
+
+def _wait_all(futures: Sequence[Any]) -> None:
+    """Wait for every future; the other cells still finish when one fails, the first failure is raised after."""
+    errors = []
+    for future in futures:
+        try:
+            future.result()
+        except MedsslError as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
 def _cell_name(method: str, n: int, seed: int) -> str:
     return f"{method}_n{n}_seed{seed}"
 
@@ -402,8 +453,19 @@ def _claim_study(
     append_history(out / "study.json", {"config": asdict(cfg), "cells": fps, "redone": redone})
 
 
-def run_study(cfg: StudyConfig) -> dict[str, Path]:
-    """Run (or resume) a study; returns the paths of ``results.csv``, ``results.md`` and ``results.png``."""
+class _Inputs(NamedTuple):
+    """What every study (the label grid or the acquisition rounds) reads and checks before running cells."""
+
+    datalist: Any  # medssl.data.datalist.Datalist
+    base: dict[str, Any]  # training / validation / unlabeled items
+    task: str
+    bundles: Path
+    out: Path
+    common: dict[str, Any]  # overrides of every run
+
+
+def _study_inputs(cfg: StudyConfig) -> _Inputs:
+    """Check ``cfg`` against its datalist and the task; create the output folder."""
     from medssl.data.datalist import load_datalist
 
     unknown = [m for m in cfg.methods if m not in METHODS]
@@ -433,6 +495,21 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
 
     common = {"bundle_root": str(bundles.parent), "device": cfg.device, "precision": cfg.precision}
     common.update(cfg.overrides)
+    return _Inputs(dl, base, task, bundles, out, common)
+
+
+def run_study(cfg: StudyConfig) -> dict[str, Path]:
+    """Run (or resume) a study; returns the paths of ``results.csv``, ``results.md`` and ``results.png``.
+
+    Raises:
+        ConfigError: ``cfg.acquisition`` is set: run it with :func:`medssl.study_acquisition.run_acquisition`.
+    """
+    if cfg.acquisition:
+        raise ConfigError(
+            "acquisition", "an acquisition study runs through medssl.study_acquisition.run_acquisition (or the CLI)"
+        )
+    dl, base, task, bundles, out, common = _study_inputs(cfg)
+    train_items = base["training"]
     cells = [(m, n, s) for s in cfg.seed_list for n in sorted(cfg.labeled) for m in cfg.methods]
     subsets = {s: nested_subsets(len(train_items), cfg.labeled, s) for s in cfg.seed_list}
     _claim_study(cfg, out, bundles, task, base, dl.labels, cells, subsets)
@@ -454,22 +531,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
         datalist_path = cell_dir / "datalist.json"
         _mark(datalist_path, cell_datalist(base, subsets[seed][n], dl.labels))
         if not (cell_dir / "trained.json").is_file():
-            files = [bundles / f for f in BUNDLES[(task, _STAGE[method])]]
-            files += [Path(p).resolve() for p in cfg.overlays]
-            overrides = {
-                **common,
-                "datalist": str(datalist_path),
-                "dataset_dir": str(cell_dir),
-                "output_dir": str(cell_dir),
-                "seed": int(seed),
-                "max_iterations": int(cfg.budget),
-                "pretrained_ckpt": pretrained if method.startswith("pretrained") else None,
-                "resume": "true",  # a killed cell continues from its last.pt
-            }
-            if cfg.val_interval is not None:
-                overrides["val_interval"] = int(cfg.val_interval)
-            overrides.update(METHOD_OVERRIDES.get(method, {}))
-            overrides.update(cfg.method_overrides.get(method, {}))
+            files, overrides = _cell_run(cfg, bundles, task, method, common, cell_dir, seed, pretrained)
             with lock:
                 running[tag] = cell_dir / "train.log"
                 log.info("%s: training (%d thread(s))", tag, threads)
@@ -500,15 +562,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Path]:
         # "cell k/N, ETA" over the cells left to run; the ETA (mean time per finished cell) holds for parallel jobs
         progress = Progress(len(pending), "study", unit="cell")
         with progress, _LiveProgress(running, lock), ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(run_cell, *cell) for cell in pending]
-            errors = []
-            for future in futures:
-                try:
-                    future.result()
-                except MedsslError as e:  # the other cells still finish; the first failure is raised after
-                    errors.append(e)
-            if errors:
-                raise errors[0]
+            _wait_all([pool.submit(run_cell, *cell) for cell in pending])
 
     rows: list[dict[str, Any]] = []
     for method, n, seed in cells:
@@ -640,13 +694,19 @@ def paired_gains(
     return {k: v for k, v in gains.items() if k[0] in methods and k[1] in counts}
 
 
-def render_gains(gains: Mapping[tuple[str, int], Mapping[int, float]], baseline: str = "scratch") -> str:
+def render_gains(
+    gains: Mapping[tuple[str, int], Mapping[int, float]],
+    baseline: str = "scratch",
+    *,
+    columns: tuple[str, str] = ("method", "labeled"),
+    pairing: str = "the same labeled volumes and budget",
+) -> str:
     """Markdown: the paired gains per seed over ``baseline``, their mean ± sd, and whether the effect exceeds the
-    seed spread."""
+    seed spread; ``columns`` names the first two columns and ``pairing`` what one seed holds equal."""
     if not gains:
         return ""
     lines = [
-        "| method | labeled | gain per seed (Dice points) | mean ± sd | beyond seed spread |",
+        f"| {columns[0]} | {columns[1]} | gain per seed (Dice points) | mean ± sd | beyond seed spread |",
         "|---|---|---|---|---|",
     ]
     for (method, n), by_seed in sorted(gains.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -661,8 +721,8 @@ def render_gains(gains: Mapping[tuple[str, int], Mapping[int, float]], baseline:
         lines.append(f"| {method} | {n} | {per_seed} | {100 * mean:+.1f} ± {100 * sd:.1f} | {verdict} |")
     lines.append("")
     lines.append(
-        f"Gain = the method's mean foreground Dice minus {baseline}'s with the same seed (the same labeled volumes "
-        "and budget). 'beyond seed spread': at least 3 seeds, all of one sign, and |mean| > sd of the per-seed gains."
+        f"Gain = the {columns[0]}'s mean foreground Dice minus {baseline}'s with the same seed ({pairing}). "
+        "'beyond seed spread': at least 3 seeds, all of one sign, and |mean| > sd of the per-seed gains."
     )
     return "\n".join(lines) + "\n"
 

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from medssl import evidence
+from medssl.data.phantoms.common import validation_count
 from medssl.study import METHODS, StudyConfig
 from tests.test_study import _rows
 
@@ -19,12 +20,48 @@ def test_evidence_configuration_builds_valid_studies(task):
     # the design: CT at three labeled counts with all four methods, LA with supervised / MT / UA-MT
     expected = {"ct": ["scratch", "pretrained", "mean_teacher", "mean_teacher_no_consistency",
                        "pretrained_mean_teacher"],
-                "la": ["scratch", "mean_teacher", "ua_mt"]}  # fmt: skip
+                "la": ["scratch", "mean_teacher", "ua_mt"], "ct_acquisition": ["scratch"]}  # fmt: skip
     # the control runs Mean Teacher's batches: its overrides equal Mean Teacher's
     if "mean_teacher_no_consistency" in cfg.methods:
         assert cfg.method_overrides["mean_teacher_no_consistency"] == cfg.method_overrides["mean_teacher"]
     assert cfg.methods == expected[task]
     assert len(cfg.labeled) == (3 if task == "ct" else 1)
+    # the acquisition study: random (the control) against entropy on the CT study's phantom and settings
+    if task == "ct_acquisition":
+        assert cfg.acquisition == ["random", "entropy"] and spec["phantom"] == "ct"
+        assert cfg.overrides == evidence.EVIDENCE["ct"]["study"]["overrides"] and cfg.budget == 300
+        cases = evidence.EVIDENCE["ct"]["phantom"]["cases"]
+        assert 1 + cfg.rounds * cfg.step <= cases - validation_count(cases)  # the labeled pool suffices
+
+
+def test_the_acquisition_study_gets_its_own_csv_and_panel_on_the_ct_phantom(tmp_path, monkeypatch):
+    from medssl.study_acquisition import ACQUISITION_COLUMNS
+
+    seen = []
+
+    def fake_study(cfg):
+        seen.append(cfg.datalist)
+        out = tmp_path / "study"
+        out.mkdir(exist_ok=True)
+        rows = [{"strategy": st, "round": k, "labeled": 1 + k, "seed": 0, "case": "c", "label": 1, "name": "o",
+                 "dice": 0.2 + 0.1 * k, "jaccard": 0.1, "hd95_mm": 1, "asd_mm": 1} for st in cfg.acquisition
+                for k in range(3)]  # fmt: skip
+        with open(out / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=ACQUISITION_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        (out / "results.md").write_text("# Acquisition study\n\n| strategy | 1 annotated (round 0) |\n")
+        return {"csv": out / "results.csv", "md": out / "results.md"}
+
+    monkeypatch.setattr("medssl.study_acquisition.run_acquisition", fake_study)
+    monkeypatch.setattr("medssl.demo.threshold_baseline", lambda datalist: 0.25)
+    monkeypatch.setattr("medssl.data.phantoms.ensure_phantom", lambda kind, folder, **kw: folder / "datalist.json")
+    paths = evidence.run_evidence(tmp_path / "runs", tmp_path / "docs", only=["ct_acquisition"], seeds=1, budget=3)
+    assert seen == [str(tmp_path / "runs" / "ct_phantom" / "datalist.json")]  # the CT study's phantom
+    with open(paths["ct_acquisition"]) as f:
+        rows = list(csv.DictReader(f))
+    assert paths["ct_acquisition"].name == "acquisition.csv" and {r["strategy"] for r in rows} == {"random", "entropy"}
+    assert "## CT_ACQUISITION" in paths["md"].read_text() and paths["png"].stat().st_size > 1000
 
 
 def test_partial_run_writes_a_report_marked_partial(tmp_path, monkeypatch):
