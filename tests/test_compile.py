@@ -86,7 +86,12 @@ def test_compiled_forward_matches_eager_keeps_the_state_dict_and_caches_under_th
     assert cache.is_dir() and any(cache.rglob("*")), "inductor wrote nothing under the run's folder"
 
 
-def test_make_network_and_the_bundle_id_compile_only_when_asked(tmp_path, repo_root):
+@pytest.mark.parametrize(
+    "configs",
+    [["ssl_pretrain.yaml"], ["supervised.yaml", "btcv_unetr.yaml"], ["supervised.yaml", "la_vnet.yaml"]],
+    ids=["ssl_pretrain", "btcv_unetr", "la_vnet"],
+)
+def test_make_network_and_the_bundle_id_compile_only_when_asked(configs, tmp_path, repo_root):
     from monai.bundle import ConfigParser
 
     from medssl.networks.build import make_network
@@ -95,7 +100,7 @@ def test_make_network_and_the_bundle_id_compile_only_when_asked(tmp_path, repo_r
 
     def network(compile_value):
         parser = ConfigParser()
-        parser.read_config([str(repo_root / "bundles" / "ssl_pretrain.yaml"), str(repo_root / "bundles" / "tiny.yaml")])
+        parser.read_config([str(repo_root / "bundles" / c) for c in [*configs, "tiny.yaml"]])
         parser.update({"bundle_root": str(repo_root), "output_dir": str(tmp_path), "device": "cpu",
                        "compile": compile_value})  # fmt: skip
         return parser.get_parsed_content("network")
