@@ -170,7 +170,7 @@ def build_cases(
             return copy.deepcopy(model0)
 
         def fwd_bwd():
-            m, x = copy.deepcopy(model0), batches[0]
+            m, x = copy.deepcopy(model0).to(device), _to(batches[0], device)
             (m(x["image"])[0].sum() + m(x["image_2"])[0].sum()).backward()
     elif workload == "finetune":
         kwargs = unetr_kwargs(tiny)
@@ -184,7 +184,7 @@ def build_cases(
             return m
 
         def fwd_bwd():
-            copy.deepcopy(model0)(batches[0]["image"]).sum().backward()
+            copy.deepcopy(model0).to(device)(batches[0]["image"].to(device)).sum().backward()
     else:
         raise ValueError(f"unknown workload {workload!r} (use {', '.join(WORKLOADS)})")
     flops = count_flops(fwd_bwd)
@@ -288,9 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     p.add_argument("--batch", type=int, default=None, help="crops per step (default: the recipe's; 1 with --tiny)")
     p.add_argument("--compile", action="store_true", help="add the medssl+compile case")
-    p.add_argument("--budget-s", type=float, default=240.0, help="stop timed rounds after this many s per workload")
+    p.add_argument("--budget-s", type=float, default=240.0,
+                   help="stop the timed rounds once this many seconds are spent, shared by the workloads (default 240)")  # fmt: skip
     p.add_argument("--no-loader", action="store_true", help="skip the loader table")
-    p.set_defaults(reps=10, warmup=2)
+    p.set_defaults(reps=20, warmup=2)
     args = p.parse_args(argv)
     set_threads(args.threads)
     device = torch.device(args.device)

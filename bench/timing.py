@@ -215,8 +215,8 @@ def bench_parser(name: str, description: str) -> argparse.ArgumentParser:
     """The options every benchmark shares: ``--tiny --reps --warmup --threads --seed --out-dir --allow-loaded``."""
     p = argparse.ArgumentParser(prog=f"python -m bench {name}", description=description)
     p.add_argument("--tiny", action="store_true", help="tiny model and volumes (a smoke run of seconds)")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions per case (default: 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per case first (default: 1)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per case (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per case first (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=str(DEFAULT_OUT), help=f"report directory (default: {DEFAULT_OUT})")
