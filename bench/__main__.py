@@ -68,7 +68,8 @@ def _inference_report(json_path: Path, before: list[float]) -> None:
            f"--roi {cfg['roi']} --repeats {cfg['repeats']} --threads {cfg['threads']}")  # fmt: skip
     same = data.get("recipe_same_vs_medssl")
     same_line = (f" recipe_same vs medssl (same precision and windows): mean foreground Dice {same['dice']:.4f}, "
-                 f"equal voxels {same['voxels_equal']:.4f}." if same else "")  # fmt: skip
+                 f"equal voxels {same['voxels_equal']:.4f}; medssl {data['speedup_vs_recipe_same']:.2f}× faster than "
+                 f"recipe_same (the slab pipeline's share)." if same else "")  # fmt: skip
     body = (f"baseline: MONAI recipe, fp32, overlap 0.5, constant, probabilities inverted; recipe_same: the recipe "
             f"with medssl's precision ({cfg['precision']}) and windows (overlap {cfg['overlap']}, gaussian), labels "
             f"inverted (nearest); medssl: Predictor.\n\n{table}\n\nAgreement with the baseline: mean foreground Dice "
