@@ -4,6 +4,12 @@
 (which has its own options) maps them: ``--tiny`` → a 64×64×32 volume and the tiny UNETR, ``--reps`` →
 ``--repeats``, ``--out-dir D`` → ``--out D/inference.json`` (default ``runs/bench/inference.json``). Without
 arguments it runs ``all``, as ``make bench`` does.
+
+``cuda`` (:mod:`bench.cuda`) is the GPU path (AMP, channels-last, cudnn.benchmark, CacheDataset +
+ThreadDataLoader); ``all`` runs it only where CUDA is available.
+
+A benchmark refuses to start when the load average exceeds the usable cores (exit status 3, no report; see
+:func:`bench.timing.start_load`) unless ``--allow-loaded``, which marks its report "loaded".
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ BENCHMARKS = {
     "loader": "bench.loader",
     "loss_curve": "bench.loss_curve",
     "precision": "bench.precision",
+    "cuda": "bench.cuda",
 }
 
 
@@ -59,10 +66,22 @@ def _inference_report(json_path: Path, before: list[float]) -> None:
     cfg = data["config"]
     cmd = (f"python -m bench inference --shape {' '.join(map(str, cfg['shape']))} --model {cfg['model']} "
            f"--roi {cfg['roi']} --repeats {cfg['repeats']} --threads {cfg['threads']}")  # fmt: skip
-    body = (f"{table}\n\nAgreement: mean foreground Dice {data['dice']:.4f}, equal voxels {data['voxels_equal']:.4f}."
-            f"\n\nCommand: `{cmd}`\n")  # fmt: skip
+    same = data.get("recipe_same_vs_medssl")
+    same_line = (f" recipe_same vs medssl (same precision and windows): mean foreground Dice {same['dice']:.4f}, "
+                 f"equal voxels {same['voxels_equal']:.4f}; medssl {data['speedup_vs_recipe_same']:.2f}× faster than "
+                 f"recipe_same (the slab pipeline's share)." if same else "")  # fmt: skip
+    body = (f"baseline: MONAI recipe, fp32, overlap 0.5, constant, probabilities inverted; recipe_same: the recipe "
+            f"with medssl's precision ({cfg['precision']}) and windows (overlap {cfg['overlap']}, gaussian), labels "
+            f"inverted (nearest); medssl: Predictor.\n\n{table}\n\nAgreement with the baseline: mean foreground Dice "
+            f"{data['dice']:.4f}, equal voxels {data['voxels_equal']:.4f}.{same_line}\n\nCommand: `{cmd}`\n")  # fmt: skip
     data = {**data, "machine": machine_facts(), "load_average": {"before": before, "after": load_average()}}
     write_report("inference", "Inference (one volume, baseline vs medssl)", body, data, json_path.parent)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _run_inference(argv: list[str]) -> int:
@@ -81,6 +100,15 @@ def _run_inference(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.timing import LOADED_EXIT, MachineLoaded
+
+    try:
+        return _main(argv)
+    except MachineLoaded:  # start_load printed why
+        return LOADED_EXIT
+
+
+def _main(argv: list[str] | None = None) -> int:
     import importlib
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -95,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:]) or 0)
     rc = 0
     for name, module in BENCHMARKS.items():
+        if name == "cuda" and not _cuda_available():
+            print("==== cuda: skipped (no CUDA device)", flush=True)
+            continue
         print(f"==== {name}", flush=True)
         if name == "inference":
             rc = max(rc, _run_inference(argv[1:]))

@@ -11,9 +11,12 @@ Cases (same weights, same batches in the same order, interleaved A B C A B C ...
 * ``medssl+levers``: the same with :func:`medssl.networks.patch_conv.use_patch_matmul`,
   :func:`medssl.networks.attention.use_fused_attention`, ``AdamW(fused=True)`` and ``optim_set_to_none=True``;
 * ``medssl default``: ``medssl+levers`` in precision ``auto`` (btcv_unetr.yaml as a user runs it: bf16 only where
-  this CPU runs it fast, see :mod:`medssl.precision`), so its ratio to the fp32 baseline is what a user gets.
+  this CPU runs it fast, see :mod:`medssl.precision`), so its ratio to the fp32 baseline is what a user gets;
+* ``medssl+compile`` (only when named in ``--cases``): ``medssl+levers`` with the network's forward compiled
+  (:func:`medssl.compile.compile_network`; the warm-up step pays the compile: "first step s").
 
-samples/s counts 96³ crops (the recipe takes 4 crops of one volume per step; ``--batch``).
+samples/s counts 96³ crops (the recipe takes 4 crops of one volume per step: ``--recipe-batch``; the default 1 is
+what 3 interleaved fp32 repetitions allow on a 2-core CPU; ``--batch``).
 
 Example::
 
@@ -35,6 +38,7 @@ from bench.timing import (
     machine_facts,
     markdown_table,
     set_threads,
+    start_load,
     write_report,
 )
 from bench.workloads import Cycle, count_flops, seg_batches, unetr_kwargs
@@ -42,6 +46,10 @@ from bench.workloads import Cycle, count_flops, seg_batches, unetr_kwargs
 __all__ = ["CASES", "build_cases", "main"]
 
 CASES = ("baseline", "medssl", "medssl+levers", "medssl default")
+#: cases run only when ``--cases`` names them
+EXTRA_CASES = ("medssl+compile",)
+#: crops per step of the recipe (btcv_unetr.yaml: num_samples 4 of one volume)
+RECIPE_BATCH = 4
 LR, WEIGHT_DECAY = 1e-4, 1e-5
 
 
@@ -65,7 +73,7 @@ def _baseline_step(model, batches: Cycle, losses: list[float]) -> Callable[[], N
 
 
 def _medssl_step(
-    model, batches: Cycle, losses: list[float], levers: bool, tmp: str, precision: str = "bf16"
+    model, batches: Cycle, losses: list[float], levers: bool, tmp: str, precision: str = "bf16", compile: bool = False
 ) -> Callable[[], None]:
     import torch
     from ignite.engine import Events
@@ -78,6 +86,10 @@ def _medssl_step(
 
     if levers:
         use_fused_attention(use_patch_matmul(model))
+    if compile:
+        from medssl.compile import compile_network
+
+        compile_network(model, "true", "cpu", tmp)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=levers or None)
     trainer = SupervisedSegTrainer(device="cpu", train_data_loader=batches, network=model, optimizer=opt,
                                    loss_function=DiceCELoss(to_onehot_y=True, softmax=True), max_epochs=1,
@@ -103,8 +115,8 @@ def build_cases(
     steps: dict[str, Callable[[], None]] = {}
     losses: dict[str, list[float]] = {}
     for name in names:
-        if name not in CASES:
-            raise ValueError(f"unknown case {name!r} (use {', '.join(CASES)})")
+        if name not in CASES + EXTRA_CASES:
+            raise ValueError(f"unknown case {name!r} (use {', '.join(CASES + EXTRA_CASES)})")
         losses[name] = []
         if name == "baseline":
             steps[name] = _baseline_step(copy.deepcopy(model0), Cycle(batches), losses[name])
@@ -112,7 +124,8 @@ def build_cases(
         model = UNETR(**kwargs, num_layers=12, patch_size=16)
         model.load_state_dict(model0.state_dict(), strict=True)
         precision = "auto" if name == "medssl default" else "bf16"
-        steps[name] = _medssl_step(model, Cycle(batches), losses[name], name != "medssl", tmp, precision)
+        steps[name] = _medssl_step(model, Cycle(batches), losses[name], name != "medssl", tmp, precision,
+                                   compile=name == "medssl+compile")  # fmt: skip
     return steps, losses, model0, batches
 
 
@@ -126,17 +139,20 @@ def step_flops(model0, batches: list[dict]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.ssl_step import profile
+    from bench.ssl_step import first_steps, profile
 
     p = bench_parser("finetune_step", __doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=None, help="crops per step (default: 1; the recipe: 4)")
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    p.add_argument("--recipe-batch", action="store_true", help=f"the recipe's {RECIPE_BATCH} crops per step")
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES + EXTRA_CASES)
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table per case instead of timing")
     p.set_defaults(reps=3)  # a base-size step takes about a minute on 2 cores
     args = p.parse_args(argv)
     set_threads(args.threads)
-    batch = args.batch or 1
-    before = load_average()
+    if args.recipe_batch and args.batch:
+        p.error("--batch and --recipe-batch exclude each other")
+    batch = RECIPE_BATCH if args.recipe_batch else (args.batch or 1)
+    before = start_load(args.allow_loaded)
     with tempfile.TemporaryDirectory(prefix="medssl-bench-") as tmp:
         steps, losses, model0, batches = build_cases(tuple(args.cases), args.tiny, batch, args.seed, tmp)
         if args.profile:
@@ -146,15 +162,17 @@ def main(argv: list[str] | None = None) -> int:
             write_report("finetune_step_profile", f"Fine-tuning step profile (batch {batch})", body, data, args.out_dir)
             return 0
         flops = step_flops(model0, batches)
-        seconds = interleaved(steps, reps=args.reps, warmup=args.warmup,
+        first = first_steps(steps) if args.warmup >= 1 else {}
+        seconds = interleaved(steps, reps=args.reps, warmup=max(0, args.warmup - 1),
                               on_done=lambda c, r, s: print(f"rep {r + 1} {c:14s} {s:7.2f} s", flush=True))  # fmt: skip
     after = load_average()
     base = seconds.get("baseline")
     rows = [[name, s.fmt(2), s.inverted(batch).fmt(3), f"{base.median / s.median:.2f}×" if base else "–",
-             f"{flops / s.median / 1e9:.0f}", args.reps] for name, s in seconds.items()]  # fmt: skip
-    headers = ["case", "s / step", "samples/s", "speed-up", "GFLOP/s", "reps"]
+             f"{flops / s.median / 1e9:.0f}", f"{first[name]:.2f}" if name in first else "–", args.reps]
+            for name, s in seconds.items()]  # fmt: skip
+    headers = ["case", "s / step", "samples/s", "speed-up", "GFLOP/s", "first step s", "reps"]
     cmd = (f"python -m bench finetune_step{' --tiny' if args.tiny else ''} --batch {batch} --reps {args.reps} "
-           f"--threads {args.threads}")  # fmt: skip
+           f"--threads {args.threads} --cases {' '.join(repr(c) if ' ' in c else c for c in args.cases)}")  # fmt: skip
     model = "tiny UNETR (32³, hidden 96, feature size 8)" if args.tiny else "UNETR ViT-B/16 at 96³, feature size 16"
     body = (
         f"{model}, 14 classes, {batch} crops per step; {flops / 1e9:.1f} GFLOP per step (forward + backward, "
@@ -165,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     data = {"machine": machine_facts(), "load_average": {"before": before, "after": after}, "args": vars(args),
             "batch": batch, "flops_per_step": flops, "seconds": {k: v.as_dict() for k, v in seconds.items()},
-            "losses": losses}  # fmt: skip
+            "first_step_seconds": first, "losses": losses}  # fmt: skip
     write_report("finetune_step", "UNETR fine-tuning step", body, data, args.out_dir)
     return 0
 

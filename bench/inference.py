@@ -6,6 +6,10 @@ for every repetition two separate worker processes, so that each one's peak RSS 
 
 * ``baseline``: :func:`medssl.inference.reference.monai_reference_labels`: MONAI preprocessing, fp32
   ``sliding_window_inference(overlap=0.5, sw_batch_size=4)``, softmax, ``Invertd`` on the probabilities, argmax;
+* ``recipe_same``: the fair baseline: the same MONAI recipe with medssl's precision (``auto`` resolved as the
+  Predictor does; bf16 as autocast) and medssl's windows (``--overlap``, gaussian blending), inverting labels
+  (argmax, then nearest ``Invertd``) instead of 14 channels of probabilities. baseline → recipe_same is what
+  bf16, window count and label inversion give; recipe_same → medssl is what medssl's slab pipeline adds;
 * ``medssl``: ``Predictor(precision=auto, overlap=0.25, mode=gaussian)`` (the ``medssl infer`` defaults: what a
   user gets; ``--precision bf16`` or ``fp32`` to time one precision).
 
@@ -33,7 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "unetr_config", "prepare", "label_agreement"]
+__all__ = ["KINDS", "main", "unetr_config", "prepare", "label_agreement"]
+
+#: the pipelines, in the order they run in every repetition (see the module docstring)
+KINDS = ["baseline", "recipe_same", "medssl"]
 
 
 def unetr_config(size: str, roi: int, classes: int = 14) -> dict:
@@ -142,12 +149,18 @@ def _worker(args: argparse.Namespace) -> int:
     from medssl.inference.volume import read_volume
 
     start = time.perf_counter()
-    if args.worker == "baseline":
+    if args.worker in ("baseline", "recipe_same"):
+        from medssl.precision import resolve_precision
+
         ckpt = load_checkpoint(args.checkpoint)
         net = build_network(ckpt).eval()
+        same = args.worker == "recipe_same"
         labels = monai_reference_labels(
-            args.volume, net, ckpt["preprocessing"], ckpt["preprocessing"]["roi_size"], overlap=0.5, sw_batch_size=4
-        )
+            args.volume, net, ckpt["preprocessing"], ckpt["preprocessing"]["roi_size"],
+            overlap=args.overlap if same else 0.5, sw_batch_size=4, mode="gaussian" if same else "constant",
+            precision=resolve_precision(args.precision, "cpu", training=False) if same else "fp32",
+            invert="labels" if same else "probabilities",
+        )  # fmt: skip
     else:
         predictor = Predictor(args.checkpoint, device="cpu", precision=args.precision, overlap=args.overlap,
                               sw_batch_size=4, mode="gaussian", progress=False)  # fmt: skip
@@ -189,15 +202,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=0, help="train the network on the volume first (default: 0)")
     p.add_argument("--workdir", default=None, help="keep inputs and label maps here (default: temporary)")
     p.add_argument("--out", default=None, help="write the results as JSON")
-    p.add_argument("--only", choices=["baseline", "medssl"], default=None, help="run one pipeline (needs --reuse)")
+    p.add_argument("--only", choices=KINDS, default=None, help="run one pipeline (needs --reuse)")
+    p.add_argument("--no-recipe-same", action="store_true", help="skip the same-precision, same-windows recipe case")
+    p.add_argument("--allow-loaded", action="store_true",
+                   help="measure even when the load average exceeds the cores (the report is marked 'loaded')")  # fmt: skip
     p.add_argument("--reuse", action="store_true", help="reuse the volume, model and label maps in --workdir")
-    p.add_argument("--worker", choices=["baseline", "medssl"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     p.add_argument("--volume", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--labels-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return _worker(args)
+    from bench.timing import start_load
+
+    start_load(args.allow_loaded)
 
     with tempfile.TemporaryDirectory(prefix="medssl-bench-") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
@@ -206,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             volume, ckpt = workdir / "ct.nii.gz", workdir / "model.pt"
         else:
             volume, ckpt = prepare(workdir, args.shape, args.spacing, args.model, args.roi, args.seed, args.train_steps)
-        kinds = [args.only] if args.only else ["baseline", "medssl"]
+        kinds = [args.only] if args.only else [k for k in KINDS if not (args.no_recipe_same and k == "recipe_same")]
         results: dict[str, list[dict]] = {k: [] for k in kinds}
         for rep in range(args.repeats):
             for kind in kinds:
@@ -214,10 +233,17 @@ def main(argv: list[str] | None = None) -> int:
                 results[kind].append(r)
                 print(f"rep {rep + 1}/{args.repeats} {kind:8s} {r['seconds']:8.1f} s  {r['peak_rss'] / 2**30:6.2f} GiB")
         agreement = label_agreement(np.load(workdir / "baseline.npy"), np.load(workdir / "medssl.npy"))
+        same = workdir / "recipe_same.npy"
+        fresh = "recipe_same" in results or args.reuse  # never a stale map of an earlier run in --workdir
+        same_agreement = (
+            label_agreement(np.load(same), np.load(workdir / "medssl.npy")) if fresh and same.is_file() else None
+        )
     if len(results) == 1:
         if args.out:
             Path(args.out).write_text(json.dumps({"config": vars(args), "runs": results, **agreement}, indent=2) + "\n")
-        print(f"agreement with the kept {'medssl' if args.only == 'baseline' else 'baseline'} labels: {agreement}")
+        print(f"agreement of the kept baseline and medssl labels: {agreement}")
+        if same_agreement is not None:
+            print(f"agreement of the kept recipe_same and medssl labels: {same_agreement}")
         return 0
     t = {k: [r["seconds"] for r in v] for k, v in results.items()}
     m = {k: [r["peak_rss"] / 2**30 for r in v] for k, v in results.items()}
@@ -227,9 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         "speedup": statistics.median(t["baseline"]) / statistics.median(t["medssl"]),
         "memory_ratio": statistics.median(m["medssl"]) / statistics.median(m["baseline"]),
         **agreement,
+        "recipe_same_vs_medssl": same_agreement,
     }
-    print(f"wall time (s)   baseline {_stats(t['baseline'])}   medssl {_stats(t['medssl'])}")
-    print(f"peak RSS (GiB)  baseline {_stats(m['baseline'])}   medssl {_stats(m['medssl'])}")
+    if "recipe_same" in t:  # what medssl's slab pipeline adds at the same precision and windows
+        summary["speedup_vs_recipe_same"] = statistics.median(t["recipe_same"]) / statistics.median(t["medssl"])
+    print("wall time (s)   " + "   ".join(f"{k} {_stats(v)}" for k, v in t.items()))
+    print("peak RSS (GiB)  " + "   ".join(f"{k} {_stats(v)}" for k, v in m.items()))
     print(f"speed-up {summary['speedup']:.2f}x   memory medssl/baseline {summary['memory_ratio']:.2f}")
     print(
         f"agreement: mean foreground Dice {agreement['dice']:.4f}, pooled foreground Dice "

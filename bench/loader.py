@@ -27,6 +27,7 @@ from bench.timing import (
     machine_facts,
     markdown_table,
     set_threads,
+    start_load,
     write_report,
 )
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     roi = 32 if args.tiny else 96
     shape = args.shape or ([64, 64, 24] if args.tiny else [192, 192, 64])
-    before = load_average()
+    before = start_load(args.allow_loaded)
     with tempfile.TemporaryDirectory(prefix="medssl-bench-") as tmp:
         start = time.perf_counter()
         datalist = generate_phantom_dataset("ct-abdomen", Path(tmp) / "ct", cases=2, unlabeled=max(0, args.volumes - 1),

@@ -16,7 +16,15 @@ import statistics
 import sys
 import tempfile
 
-from bench.timing import bench_parser, load_average, machine_facts, markdown_table, set_threads, write_report
+from bench.timing import (
+    bench_parser,
+    load_average,
+    machine_facts,
+    markdown_table,
+    set_threads,
+    start_load,
+    write_report,
+)
 
 __all__ = ["main", "run_curves"]
 
@@ -45,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     set_threads(args.threads)
     steps = args.steps or (3 if args.tiny else 30)
-    before = load_average()
+    before = start_load(args.allow_loaded)
     curves = {which: run_curves(which, steps, args.batch, args.seed) for which in args.which}
     after = load_average()
     rows, verdicts = [], {}

@@ -22,6 +22,7 @@ from bench.timing import (
     machine_facts,
     markdown_table,
     set_threads,
+    start_load,
     write_report,
 )
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = 216 * (1 if args.tiny else 4)
     shapes = {f"square {n}": (n, n, n), f"ViT-B MLP up ({tokens}×768 @ 768×3072)": (tokens, 768, 3072),
               f"ViT-B MLP down ({tokens}×3072 @ 3072×768)": (tokens, 3072, 768)}  # fmt: skip
-    before = load_average()
+    before = start_load(args.allow_loaded)
     res = measure_matmul(shapes, reps=args.reps, warmup=args.warmup, calls=1 if args.tiny else 4, seed=args.seed)
     after = load_average()
     rows = []

@@ -35,6 +35,7 @@ from bench.timing import (
     machine_facts,
     markdown_table,
     set_threads,
+    start_load,
     write_report,
 )
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     precisions = dict(CASES)
     if not native_cpu_bf16() and not args.with_slow_bf16:
         del precisions["bf16"]
-    before = load_average()
+    before = start_load(args.allow_loaded)
     seconds: dict[str, dict[str, Stats]] = {}
     with tempfile.TemporaryDirectory(prefix="medssl-bench-") as tmp:
         volume, ckpt, image = _phantom_inputs(Path(tmp), shape, args.seed)

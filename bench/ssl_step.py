@@ -12,9 +12,13 @@ Cases (same initial weights, same batches in the same order, interleaved A B C A
   :func:`medssl.networks.patch_conv.use_patch_matmul` (patch embedding and transposed convolutions as matmuls),
   :func:`medssl.networks.attention.use_fused_attention` (SDPA), ``Adam(fused=True)`` and ``optim_set_to_none=True`` (no zero-filling of gradients).
 * ``medssl default``: ``medssl+levers`` in precision ``auto`` (the bundle as a user runs it: bf16 only where this
-  CPU runs it fast, see :mod:`medssl.precision`), so its ratio to the fp32 baseline is what a user gets.
+  CPU runs it fast, see :mod:`medssl.precision`), so its ratio to the fp32 baseline is what a user gets;
+* ``medssl+compile`` (only when named in ``--cases``): ``medssl+levers`` with the network's forward compiled
+  (:func:`medssl.compile.compile_network`, ``compile: true``; the warm-up step pays the compile, whose time the
+  report gives separately), to fill :data:`medssl.compile.MEASURED`.
 
-A step trains on ``--batch`` crops (each crop gives two views, so the network sees ``2 × batch`` volumes).
+A step trains on ``--batch`` crops (default 2, what 5 interleaved fp32 repetitions allow on a 2-core CPU;
+``--recipe-batch``: the recipe's 4 volumes × 2 crops = 8) (each crop gives two views, so the network sees ``2 × batch`` volumes).
 samples/s counts crops. Achieved FLOP/s = FLOPs of one step (forward + backward of the network on 2 × batch
 volumes, counted with ``torch.utils.flop_counter``) / median seconds, compared with the bf16 matmul FLOP/s
 measured in the same run (``bench.matmul``, 2048³).
@@ -40,6 +44,7 @@ from bench.timing import (
     machine_facts,
     markdown_table,
     set_threads,
+    start_load,
     write_report,
 )
 from bench.workloads import Cycle, count_flops, ssl_batches, vit_autoenc_kwargs
@@ -47,6 +52,10 @@ from bench.workloads import Cycle, count_flops, ssl_batches, vit_autoenc_kwargs
 __all__ = ["CASES", "build_cases", "main"]
 
 CASES = ("baseline", "medssl", "medssl+levers", "medssl default")
+#: cases run only when ``--cases`` names them
+EXTRA_CASES = ("medssl+compile",)
+#: crops per step of the recipe (ssl_pretrain.yaml: batch_size 4 volumes × num_samples 2)
+RECIPE_BATCH = 8
 
 
 def _baseline_step(model, batches: Cycle, lr: float, losses: list[float]) -> Callable[[], None]:
@@ -73,7 +82,14 @@ def _baseline_step(model, batches: Cycle, lr: float, losses: list[float]) -> Cal
 
 
 def _medssl_step(
-    model, batches: Cycle, lr: float, losses: list[float], fused: bool, tmp: str, precision: str = "bf16"
+    model,
+    batches: Cycle,
+    lr: float,
+    losses: list[float],
+    fused: bool,
+    tmp: str,
+    precision: str = "bf16",
+    compile: bool = False,
 ) -> Callable[[], None]:
     import torch
     from ignite.engine import Events
@@ -86,6 +102,10 @@ def _medssl_step(
 
     if fused:
         use_fused_attention(use_patch_matmul(model))
+    if compile:
+        from medssl.compile import compile_network
+
+        compile_network(model, "true", "cpu", tmp)
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
     trainer = TwoViewSSLTrainer(device="cpu", max_epochs=1, train_data_loader=batches, network=model, optimizer=opt,
                                 loss_function=ReconstructionContrastiveLoss(temperature=0.05), precision=precision,
@@ -108,14 +128,15 @@ def build_cases(
     steps: dict[str, Callable[[], None]] = {}
     losses: dict[str, list[float]] = {}
     for name in names:
-        if name not in CASES:
-            raise ValueError(f"unknown case {name!r} (use {', '.join(CASES)})")
+        if name not in CASES + EXTRA_CASES:
+            raise ValueError(f"unknown case {name!r} (use {', '.join(CASES + EXTRA_CASES)})")
         model, losses[name] = copy.deepcopy(model0), []
         if name == "baseline":
             steps[name] = _baseline_step(model, Cycle(batches), lr, losses[name])
         else:
             precision = "auto" if name == "medssl default" else "bf16"
-            steps[name] = _medssl_step(model, Cycle(batches), lr, losses[name], name != "medssl", tmp, precision)
+            steps[name] = _medssl_step(model, Cycle(batches), lr, losses[name], name != "medssl", tmp, precision,
+                                       compile=name == "medssl+compile")  # fmt: skip
     return steps, losses, model0, batches
 
 
@@ -129,6 +150,19 @@ def step_flops(model0, batches: list[dict]) -> int:
         out.backward()
 
     return count_flops(fwd_bwd)
+
+
+def first_steps(steps: dict[str, Callable[[], None]]) -> dict[str, float]:
+    """Seconds of each case's first step (one warm-up round; a compiled case compiles in it), printed."""
+    import time
+
+    first = {}
+    for name, fn in steps.items():
+        start = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - start
+        print(f"first step {name:14s} {first[name]:7.2f} s", flush=True)
+    return first
 
 
 def profile(steps: dict[str, Callable[[], None]], rows: int = 20) -> str:
@@ -149,12 +183,15 @@ def profile(steps: dict[str, Callable[[], None]], rows: int = 20) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = bench_parser("ssl_step", __doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=None, help="crops per step (default: 2; the recipe: 4 × 2 = 8)")
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    p.add_argument("--recipe-batch", action="store_true", help=f"the recipe's {RECIPE_BATCH} crops per step")
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES + EXTRA_CASES)
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table per case instead of timing")
     args = p.parse_args(argv)
     set_threads(args.threads)
-    batch = args.batch or 2
-    before = load_average()
+    if args.recipe_batch and args.batch:
+        p.error("--batch and --recipe-batch exclude each other")
+    batch = RECIPE_BATCH if args.recipe_batch else (args.batch or 2)
+    before = start_load(args.allow_loaded)
     with tempfile.TemporaryDirectory(prefix="medssl-bench-") as tmp:
         steps, losses, model0, batches = build_cases(tuple(args.cases), args.tiny, batch, args.seed, tmp)
         if args.profile:
@@ -168,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
 
         n = 512 if args.tiny else 2048
         peak = measure_matmul({"square": (n, n, n)}, reps=args.reps, warmup=1, calls=1, seed=args.seed)["square"]
-        seconds = interleaved(steps, reps=args.reps, warmup=args.warmup,
+        first = first_steps(steps) if args.warmup >= 1 else {}
+        seconds = interleaved(steps, reps=args.reps, warmup=max(0, args.warmup - 1),
                               on_done=lambda c, r, s: print(f"rep {r + 1} {c:14s} {s:7.2f} s", flush=True))  # fmt: skip
     after = load_average()
     base = seconds.get("baseline")
@@ -177,10 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         rate = s.inverted(batch)
         achieved = flops / s.median
         rows.append([name, s.fmt(2), rate.fmt(3), f"{base.median / s.median:.2f}×" if base else "–",
-                     f"{achieved / 1e9:.0f}", f"{achieved / peak['bf16'].median:.0%}", args.reps])  # fmt: skip
-    headers = ["case", "s / step", "samples/s", "speed-up", "GFLOP/s", "of bf16 matmul", "reps"]
+                     f"{achieved / 1e9:.0f}", f"{achieved / peak['bf16'].median:.0%}",
+                     f"{first[name]:.2f}" if name in first else "–", args.reps])  # fmt: skip
+    headers = ["case", "s / step", "samples/s", "speed-up", "GFLOP/s", "of bf16 matmul", "first step s", "reps"]
     cmd = (f"python -m bench ssl_step{' --tiny' if args.tiny else ''} --batch {batch} --reps {args.reps} "
-           f"--threads {args.threads}")  # fmt: skip
+           f"--threads {args.threads} --cases {' '.join(repr(c) if ' ' in c else c for c in args.cases)}")  # fmt: skip
     model = "tiny ViTAutoEnc (32³, hidden 96, 2 layers)" if args.tiny else "ViTAutoEnc ViT-B/16 at 96³"
     body = (
         f"{model}, {batch} crops × 2 views per step; {flops / 1e9:.1f} GFLOP per step (forward + backward, "
@@ -193,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     data = {"machine": machine_facts(), "load_average": {"before": before, "after": after}, "args": vars(args),
             "batch": batch, "flops_per_step": flops, "matmul_flops": {k: v.as_dict() for k, v in peak.items()},
-            "seconds": {k: v.as_dict() for k, v in seconds.items()}, "losses": losses}  # fmt: skip
+            "seconds": {k: v.as_dict() for k, v in seconds.items()}, "first_step_seconds": first,
+            "losses": losses}  # fmt: skip
     write_report("ssl_step", "SSL pretraining step", body, data, args.out_dir)
     return 0
 

@@ -5,6 +5,10 @@ change on a shared machine hits all cases alike; it reports the median, min and 
 of the medians, the load average before and after, and the machine (CPU model, cores, AMX, torch's CPU
 capability, the precision ``auto`` picks here, torch / MONAI versions, torch threads). :func:`write_report`
 writes ``runs/bench/<name>.md`` and ``runs/bench/<name>.json``.
+
+Load: :func:`start_load` refuses to start (exit status 3, no report) when the 1-minute load average exceeds the
+usable cores, unless ``--allow-loaded``; a report whose load average before or after exceeds the cores is marked
+"loaded" in its header and in every table row (``data["loaded"]``), so its numbers are never read as idle ones.
 """
 
 from __future__ import annotations
@@ -20,17 +24,35 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "LOADED_EXIT",
+    "MachineLoaded",
     "Stats",
     "bench_parser",
     "interleaved",
+    "is_loaded",
     "load_average",
     "machine_facts",
     "markdown_table",
     "set_threads",
+    "start_load",
+    "usable_cores",
     "write_report",
 ]
 
 DEFAULT_OUT = Path("runs") / "bench"
+#: exit status of a benchmark that refused to start on a loaded machine
+LOADED_EXIT = 3
+
+
+class MachineLoaded(SystemExit):
+    """Raised by :func:`start_load` (exit status :data:`LOADED_EXIT`): the machine is busier than its cores."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(LOADED_EXIT)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class Stats:
@@ -64,6 +86,39 @@ def load_average() -> list[float]:
         return []
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask), else ``os.cpu_count()``."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def is_loaded(load: Sequence[float], cores: int | None = None) -> bool:
+    """Whether the 1-minute load average ``load[0]`` exceeds ``cores`` (default: :func:`usable_cores`)."""
+    return bool(load) and load[0] > (cores or usable_cores())
+
+
+def start_load(allow_loaded: bool = False) -> list[float]:
+    """The load averages at the start of a benchmark; refuses a loaded machine unless ``allow_loaded``.
+
+    Raises:
+        MachineLoaded: the 1-minute load average exceeds the usable cores and ``allow_loaded`` is false (the
+            message says so and names ``--allow-loaded``; nothing is measured or written).
+    """
+    load = load_average()
+    if is_loaded(load) and not allow_loaded:
+        message = (
+            f"load average {load[0]:.2f} exceeds the {usable_cores()} usable cores: other jobs would distort the "
+            "timings, so no report is written. Wait for a quiet machine, or pass --allow-loaded to measure anyway "
+            "(the report is then marked 'loaded')."
+        )
+        import sys
+
+        print(message, file=sys.stderr, flush=True)
+        raise MachineLoaded(message)
+    return load
+
+
 def _cpu_flags() -> list[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -83,7 +138,7 @@ def machine_facts() -> dict[str, Any]:
     from medssl.precision import cpu_capability, cpu_model, precision_record
 
     cores = os.cpu_count()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    usable = usable_cores()
     return {
         "cpu": cpu_model(),
         "cores": cores,
@@ -157,15 +212,30 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def bench_parser(name: str, description: str) -> argparse.ArgumentParser:
-    """The options every benchmark shares: ``--tiny --reps --warmup --threads --seed --out-dir``."""
+    """The options every benchmark shares: ``--tiny --reps --warmup --threads --seed --out-dir --allow-loaded``."""
     p = argparse.ArgumentParser(prog=f"python -m bench {name}", description=description)
     p.add_argument("--tiny", action="store_true", help="tiny model and volumes (a smoke run of seconds)")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions per case (default: 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per case first (default: 1)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per case (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per case first (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=str(DEFAULT_OUT), help=f"report directory (default: {DEFAULT_OUT})")
+    p.add_argument("--allow-loaded", action="store_true",
+                   help="measure even when the load average exceeds the cores (the report is marked 'loaded')")  # fmt: skip
     return p
+
+
+def _mark_loaded(body: str) -> str:
+    """``(loaded)`` after the first cell of every table row of ``body`` (header and separator rows excepted)."""
+    lines = body.split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        if line.startswith("| ") and not nxt.startswith("|---") and not line.startswith("|---"):
+            first, sep, rest = line[2:].partition(" |")
+            line = f"| {first} (loaded){sep}{rest}"
+        out.append(line)
+    return "\n".join(out)
 
 
 def write_report(
@@ -174,11 +244,22 @@ def write_report(
     """Write ``<out_dir>/<name>.md`` (title, machine line, ``body``) and ``<name>.json``; print the markdown.
 
     ``data`` must hold ``machine`` (:func:`machine_facts`) and ``load_average`` (``{"before": …, "after": …}``).
+    When either load average exceeds the usable cores, the report is marked loaded (``data["loaded"]`` true, a
+    line under the title, ``(loaded)`` in every table row).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     m = data["machine"]
     load = data.get("load_average", {})
+    cores = int(m.get("usable_cores") or usable_cores())
+    loaded = is_loaded(load.get("before") or [], cores) or is_loaded(load.get("after") or [], cores)
+    data = {**data, "loaded": loaded}
+    if loaded:
+        body = (
+            f"**Loaded machine**: load average above the {cores} usable cores (before {load.get('before')}, after "
+            f"{load.get('after')}); other jobs shared the CPU, so times are inflated and noisy.\n\n"
+            + _mark_loaded(body)
+        )
     header = (
         f"## {title}\n\n{m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable; "
         f"{' '.join(m['cpu_flags']) or 'no AMX / AVX-512 flags'}), torch {m['torch']}, MONAI {m['monai']}, "

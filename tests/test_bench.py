@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FAST = ["--tiny", "--reps", "1", "--warmup", "0", "--threads", "1"]
+# --allow-loaded: the tests must run on a shared machine too (the refusal itself is tested below)
+FAST = ["--tiny", "--reps", "1", "--warmup", "0", "--threads", "1", "--allow-loaded"]
 RUNS = {
     "matmul": [],
     "ssl_step": ["--batch", "1"],
@@ -18,6 +19,7 @@ RUNS = {
     "loader": ["--workers", "0", "--volumes", "2", "--batch-size", "2", "--model-batch", "1"],
     "loss_curve": ["--steps", "2", "--batch", "1"],
     "precision": [],
+    "cuda": ["--device", "cpu", "--batch", "1"],
 }
 
 
@@ -36,6 +38,7 @@ def _check_report(out: Path, name: str) -> dict:
     assert md.startswith("## ") and "|---|" in md and "Command: `python -m bench " in md
     assert data["machine"]["cpu"] and data["machine"]["torch"]
     assert set(data["load_average"]) == {"before", "after"}
+    assert isinstance(data["loaded"], bool) and ("**Loaded machine**" in md) == data["loaded"]
     # every report states the CPU capability and what precision auto chose here
     auto = data["machine"]["precision_auto"]
     assert data["machine"]["cpu_capability"] and auto["requested"] == "auto" and auto["used"] in ("bf16", "fp32")
@@ -66,6 +69,13 @@ def test_benchmark_writes_its_table(name, tmp_path):
 
         cases = {"medssl default", "fp32"} | ({"bf16"} if native_cpu_bf16() else set())  # slow bf16 skipped
         assert all(set(data["seconds"][w]) == cases for w in ("validation", "infer"))
+    if name == "cuda":
+        assert data["device"] == "cpu" and set(data["workloads"]) == {"ssl", "finetune"}
+        for run in data["workloads"].values():
+            assert set(run["seconds"]) == {"baseline", "medssl"} and run["flops_per_step"] > 0
+            firsts = [v[0] for v in run["losses"].values()]
+            assert max(firsts) - min(firsts) < 0.1 * abs(firsts[0]) + 1e-3
+        assert len(data["loader"]) == 2 and all(s["median"] > 0 for s in data["loader"].values())
     if name == "loader":
         assert data["model_crops_per_s"] > 0 and data["crops_per_epoch"] == {"num_workers=0": 4}
 
@@ -73,9 +83,41 @@ def test_benchmark_writes_its_table(name, tmp_path):
 def test_inference_benchmark_tiny(tmp_path):
     from bench.__main__ import main
 
-    assert main(["inference", "--tiny", "--reps", "1", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+    args = ["inference", "--tiny", "--reps", "1", "--threads", "1", "--allow-loaded", "--out-dir", str(tmp_path)]
+    assert main(args) == 0
     data = _check_report(tmp_path, "inference")
     assert data["speedup"] > 0 and 0 <= data["voxels_equal"] <= 1
+    # the fair baseline: the recipe with medssl's precision and windows, labels inverted
+    assert set(data["runs"]) == {"baseline", "recipe_same", "medssl"}
+    assert 0 <= data["recipe_same_vs_medssl"]["voxels_equal"] <= 1
+    assert "| recipe_same" in (tmp_path / "inference.md").read_text()
+
+
+@pytest.mark.parametrize(("name", "recipe"), [("ssl_step", 8), ("finetune_step", 4)])
+def test_step_benchmarks_run_at_the_recipe_batch(name, recipe, tmp_path):
+    module = importlib.import_module(f"bench.{name}")
+    args = [*FAST, "--recipe-batch", "--cases", "medssl+levers", "--out-dir", str(tmp_path)]
+    assert module.main(args) == 0
+    data = json.loads((tmp_path / f"{name}.json").read_text())
+    assert (
+        data["batch"] == recipe == module.RECIPE_BATCH and f"--batch {recipe} " in (tmp_path / f"{name}.md").read_text()
+    )
+
+
+def test_a_loaded_machine_is_refused_unless_allowed(monkeypatch, tmp_path, capsys):
+    import bench.timing
+    from bench.__main__ import main
+
+    cores = bench.timing.usable_cores()
+    monkeypatch.setattr(bench.timing, "load_average", lambda: [cores + 1.5, 1.0, 1.0])
+    args = ["matmul", "--tiny", "--reps", "1", "--warmup", "0", "--threads", "1", "--out-dir", str(tmp_path)]
+    assert main(args) == bench.timing.LOADED_EXIT
+    assert "--allow-loaded" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    assert main([*args, "--allow-loaded"]) == 0
+    data = _check_report(tmp_path, "matmul")
+    assert data["loaded"]
+    rows = [line for line in (tmp_path / "matmul.md").read_text().splitlines() if line.startswith("| square")]
+    assert rows and all("(loaded)" in row for row in rows)
 
 
 def test_bench_main_rejects_unknown_names(capsys):

@@ -159,12 +159,17 @@ class Predictor:
         progress: report "volume k/N" with ETA and, on a terminal, a bar of windows per volume, when progress
             is enabled (:func:`medssl.progress.progress_enabled`: the CLI's terminal / ``--verbose`` rule).
         memory_limit: bytes the estimate must fit in (default: the available memory reported by the OS).
+        compile: run the network's forward through ``torch.compile`` (``False`` by default; ``True``, or
+            ``"auto"``: :func:`medssl.compile.resolve_compile`). The first windows then include the compile time;
+            ``compile_cache_dir`` holds inductor's cache (default: inductor's own, or ``$TORCHINDUCTOR_CACHE_DIR``).
+        compile_cache_dir: a folder for the compile cache (``torch_compile_cache`` is made inside it).
 
     Raises:
         CheckpointError: the checkpoint cannot be read, its network config is refused (not an allowed class
             with literal arguments: :func:`medssl.checkpoint.check_network_config`, checked before anything is
             built), it is not a segmentation model, or lacks preprocessing or roi size.
-        ConfigError: invalid device, precision, overlap, batch size or mode.
+        ConfigError: invalid device, precision, overlap, batch size, mode or compile (or ``compile`` on a CPU
+            without a C++ compiler).
         ResourceError: out of memory while building the network or moving it to ``device``.
 
     Example::
@@ -187,6 +192,8 @@ class Predictor:
         interpolation: str = "linear",
         progress: bool = True,
         memory_limit: int | None = None,
+        compile: bool | str = False,
+        compile_cache_dir: str | os.PathLike | None = None,
     ):
         from medssl.checkpoint import build_network, check_network_config, load_checkpoint, out_of_memory_building
         from medssl.engines.utils import resolve_device
@@ -254,6 +261,9 @@ class Predictor:
             # CPU autocast re-casts activations around every norm layer (copies took ~40% of UNETR's time); a bf16
             # network in channels-last memory runs oneDNN's bf16 kernels end to end.
             self.network = self.network.to(dtype=torch.bfloat16, memory_format=torch.channels_last_3d)
+        from medssl.compile import compile_network
+
+        self.network = compile_network(self.network, compile, self.device, compile_cache_dir)
         self._transform = self._build_transform()
 
     # ------------------------------------------------------------------------------------------ pieces

@@ -14,6 +14,9 @@ checkpoint stores to rebuild the model) and builds the module with::
 
 ``fast_kernels`` computes patch-wise convolutions as matmuls (:mod:`medssl.networks.patch_conv`) and attention with
 the fused kernel (:mod:`medssl.networks.attention`): the same parameters and results, faster on CPU.
+``compile`` (``auto`` / ``true`` / ``false``, the bundles' ``compile`` id) runs the forward through
+``torch.compile`` where :func:`medssl.compile.resolve_compile` says so, with the inductor cache under
+``output_dir`` (:func:`medssl.compile.compile_network`; ``auto`` is off until a measurement says it helps).
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ def make_network(
     pretrained: str = "network",
     allow_partial: bool | str = False,
     fast_kernels: bool | str = True,
+    compile: bool | str = False,
+    output_dir: str | os.PathLike | None = None,
 ) -> nn.Module:
     """The training network of a bundle: built, moved to ``device``, weights loaded, fast kernels on.
 
@@ -76,9 +81,13 @@ def make_network(
         pretrained: ``"encoder"`` (SSL ViT into the network's ViT) or ``"network"`` (the same network, strict).
         allow_partial: ``"encoder"`` only: accept an encoder that covers part of the network's ViT (reported).
         fast_kernels: patch-wise convolutions as matmuls and fused attention (numerically the same model).
+        compile: ``auto`` / ``true`` / ``false``: compile the forward (:func:`medssl.compile.compile_network`);
+            the state dict is unchanged.
+        output_dir: the run's folder; the inductor cache goes to ``<output_dir>/torch_compile_cache``.
 
     Raises:
-        ConfigError: an unknown ``pretrained`` kind, or ``allow_partial`` with ``pretrained="network"``.
+        ConfigError: an unknown ``pretrained`` kind, ``allow_partial`` with ``pretrained="network"``, an invalid
+            ``compile``, or ``compile`` true on CPU without a C++ compiler.
         CheckpointError: the checkpoint does not fit (see :func:`load_weights` and
             :func:`medssl.networks.pretrained.load_pretrained_vit`).
     """
@@ -102,4 +111,6 @@ def make_network(
         from medssl.networks.patch_conv import use_patch_matmul
 
         network = use_fused_attention(use_patch_matmul(network))
-    return network
+    from medssl.compile import compile_network
+
+    return compile_network(network, compile, device, output_dir)

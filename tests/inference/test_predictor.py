@@ -253,6 +253,23 @@ def test_agrees_with_monai_reference_pipeline(trained, interpolation, bound):
     assert _pooled_dice(ours, ref) >= bound
 
 
+def test_reference_with_inverted_labels_agrees_with_the_nearest_path(trained):
+    """The fair baseline of bench/inference.py (argmax, nearest Invertd) against the Predictor's nearest path."""
+    predictor = Predictor(
+        trained["model"], precision="fp32", overlap=0.5, mode="gaussian", interpolation="nearest", progress=False
+    )
+    ours = predictor.predict_volume(read_volume(trained["image"])).labels
+    ref = monai_reference_labels(
+        trained["image"], predictor.network, predictor.preprocessing, predictor.roi_size, overlap=0.5,
+        mode="gaussian", invert="labels",
+    )  # fmt: skip
+    assert ours.shape == ref.shape and ref.dtype == np.uint8
+    assert _pooled_dice(ours, ref) >= 0.98
+    with pytest.raises(ValueError, match="invert"):
+        monai_reference_labels(trained["image"], predictor.network, predictor.preprocessing, predictor.roi_size,
+                               invert="probability")  # fmt: skip
+
+
 def test_evaluate_scores_the_output(tmp_path, trained):
     """``medssl evaluate`` on the written file gives the Dice computed directly on the predicted array."""
     from medssl.metrics import evaluate_folder

@@ -1,0 +1,208 @@
+"""``compile: auto|true|false``: whether a network's forward runs through ``torch.compile`` (inductor).
+
+:func:`compile_network` is the one place a network is compiled: :func:`medssl.networks.build.make_network` calls
+it for the training bundles (``ssl_pretrain.yaml``, and the ``supervised.yaml`` recipes btcv_unetr / la_vnet through
+their ``network`` line) and :class:`medssl.inference.Predictor` for ``compile=True``. It replaces the module's
+``forward`` by ``torch.compile(module.forward)`` on the instance: the state dict, parameters, hooks and
+checkpoints stay exactly as they are (``torch.compile(module)`` would return a wrapper whose state-dict keys carry
+an ``_orig_mod.`` prefix). ``nn.Module.compile()`` is not used: with torch 2.13 it captured no frame here and ran
+eagerly without a word. A deep copy of a compiled module would call the original's forward, so bundles that copy
+their network (Mean Teacher's teacher) do not take the id.
+
+``auto`` (:func:`resolve_compile`) is deliberately conservative: compiling is on only where a measurement in
+:data:`MEASURED` for this device kind (``"cpu:<capability>"`` or ``"cuda"``) says the compiled step is at least
+:data:`MIN_SPEEDUP` times faster and, when the run's length is known, that the time saved over the run exceeds the
+compile time. Nothing is recorded yet, so ``auto`` is off everywhere, with the reason logged. ``true`` compiles
+(on CPU inductor needs a C++ compiler: a missing one is a :class:`~medssl.errors.ConfigError` naming the id);
+``false`` never does.
+
+The inductor cache (``TORCHINDUCTOR_CACHE_DIR``) is set to ``<output_dir>/torch_compile_cache`` before compiling,
+unless the environment already names one (that one is kept, and logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medssl.errors import ConfigError
+
+__all__ = [
+    "CACHE_SUBDIR",
+    "COMPILE_CHOICES",
+    "MEASURED",
+    "MIN_SPEEDUP",
+    "compile_key",
+    "compile_network",
+    "cpp_compiler",
+    "parse_compile",
+    "resolve_compile",
+    "set_cache_dir",
+]
+
+logger = logging.getLogger(__name__)
+
+COMPILE_CHOICES = ("auto", "true", "false")
+CACHE_SUBDIR = "torch_compile_cache"
+#: a compiled step must be at least this much faster (measured) before ``auto`` turns compiling on
+MIN_SPEEDUP = 1.1
+
+#: Measurements of the compiled training step by :func:`compile_key`: ``{"speedup": eager s / compiled s,
+#: "compile_s": seconds of the first (compiling) step minus an eager one, "step_s": eager seconds per step,
+#: "source": where it was measured}``. Empty: no measurement recorded yet (``python -m bench ssl_step --cases
+#: medssl+levers medssl+compile`` measures one), so ``auto`` is off everywhere.
+MEASURED: dict[str, Mapping[str, Any]] = {}
+
+_ENV = "TORCHINDUCTOR_CACHE_DIR"
+_set_by_us: str | None = None
+
+
+def parse_compile(value: Any) -> str:
+    """``"auto"``, ``"true"`` or ``"false"`` from a bundle id / CLI value (booleans and their strings accepted).
+
+    Raises:
+        ConfigError: any other value (names the ``compile`` id).
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value).strip().lower()
+    if text in ("1", "yes", "on", "true"):
+        return "true"
+    if text in ("0", "no", "off", "false", "none", ""):
+        return "false"
+    if text == "auto":
+        return "auto"
+    raise ConfigError("compile", f"must be auto, true or false, got {value!r}")
+
+
+def compile_key(device: str | torch.device) -> str:
+    """The device kind :data:`MEASURED` is keyed by: ``"cuda"``, or ``"cpu:<torch CPU capability>"``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "cuda"
+    from medssl.precision import cpu_capability
+
+    return f"{device.type}:{cpu_capability()}"
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor would call on CPU (``$CXX`` or inductor's ``cpp.cxx`` setting), or ``None``."""
+    candidates = [os.environ.get("CXX")]
+    try:
+        import torch._inductor.config as inductor_config
+
+        candidates += [c for c in (inductor_config.cpp.cxx or ()) if c]
+    except Exception:  # an unusual torch build: fall back to the usual names
+        pass
+    candidates += ["g++", "c++", "clang++"]
+    for name in candidates:
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def resolve_compile(
+    compile: Any, device: str | torch.device = "cpu", *, iterations: int | None = None
+) -> tuple[bool, str]:
+    """``(compile or not, reason)`` for the ``compile`` id on ``device``.
+
+    Args:
+        compile: ``auto`` / ``true`` / ``false`` (or a bool).
+        device: where the network runs.
+        iterations: the run's length in steps, when known: ``auto`` then also needs the recorded time saved per
+            step × ``iterations`` to exceed the recorded compile time.
+    """
+    choice = parse_compile(compile)
+    if choice == "false":
+        return False, "compile false"
+    if choice == "true":
+        return True, "compile true"
+    key = compile_key(device)
+    record = MEASURED.get(key)
+    if not record:
+        return False, f"compile auto -> off ({key}: no measurement recorded that torch.compile helps here)"
+    speedup = float(record["speedup"])
+    if speedup < MIN_SPEEDUP:
+        return False, f"compile auto -> off ({key}: measured {speedup:.2f}x, below {MIN_SPEEDUP}x)"
+    if iterations is not None and record.get("step_s") and record.get("compile_s") is not None:
+        saved = float(iterations) * float(record["step_s"]) * (1.0 - 1.0 / speedup)
+        if saved <= float(record["compile_s"]):
+            return False, (
+                f"compile auto -> off ({key}: {speedup:.2f}x would save {saved:.0f} s over {iterations} steps, "
+                f"less than the {float(record['compile_s']):.0f} s compile)"
+            )
+    return True, f"compile auto -> on ({key}: measured {speedup:.2f}x)"
+
+
+def set_cache_dir(output_dir: str | os.PathLike | None) -> str | None:
+    """Point inductor's cache at ``<output_dir>/torch_compile_cache`` (created) unless the environment names one.
+
+    Returns:
+        The cache directory in effect (``None``: no ``output_dir`` and none set).
+    """
+    global _set_by_us
+    current = os.environ.get(_ENV)
+    # importing torch._inductor writes its default into the environment: that one is not a user's choice
+    if current and current not in (_set_by_us, _inductor_default()):
+        logger.info(f"torch.compile cache: {current} (from {_ENV})")
+        return current
+    if output_dir is None or str(output_dir) == "":
+        return current
+    path = (Path(output_dir) / CACHE_SUBDIR).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ[_ENV] = _set_by_us = str(path)
+    try:  # inductor memoises some cache paths: start from the new directory
+        from torch._inductor.utils import clear_caches
+
+        clear_caches()
+    except Exception:  # an unusual torch build: the environment variable alone still applies to new entries
+        pass
+    return str(path)
+
+
+def _inductor_default() -> str | None:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        return os.path.abspath(default_cache_dir())
+    except Exception:  # an unusual torch build
+        return None
+
+
+def compile_network(
+    network: nn.Module,
+    compile: Any = "auto",
+    device: str | torch.device = "cpu",
+    output_dir: str | os.PathLike | None = None,
+    *,
+    iterations: int | None = None,
+) -> nn.Module:
+    """``network`` with its forward compiled by ``torch.compile`` when :func:`resolve_compile` says so.
+
+    The same module is returned (state dict unchanged); the decision and its reason are logged.
+
+    Raises:
+        ConfigError: an invalid ``compile`` value, or ``compile`` true on CPU without a C++ compiler.
+    """
+    on, reason = resolve_compile(compile, device, iterations=iterations)
+    if not on:
+        if parse_compile(compile) != "false":  # an explicit false needs no line
+            logger.info(reason)
+        return network
+    if torch.device(device).type == "cpu" and cpp_compiler() is None:
+        raise ConfigError(
+            "compile",
+            "torch.compile on CPU (inductor) needs a C++ compiler (g++ / clang++, or $CXX) and none was found; "
+            "install one or set compile: false",
+        )
+    cache = set_cache_dir(output_dir)
+    network.forward = torch.compile(network.forward)
+    logger.info(f"{reason}: {type(network).__name__}.forward compiled (inductor cache {cache or 'default'})")
+    return network

@@ -1,0 +1,122 @@
+"""medssl.compile: the ``compile`` id (auto / true / false), the in-place compiled forward and its cache folder."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from medssl import compile as mc
+from medssl.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _own_cache_env(monkeypatch):
+    # every test starts without a cache folder of its own in the environment; monkeypatch restores the original
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr(mc, "_set_by_us", None)
+    monkeypatch.setattr(mc, "MEASURED", {})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(True, "true"), ("false", "false"), (False, "false"), ("AUTO", "auto"), ("on", "true")]
+)
+def test_parse_compile_accepts_booleans_and_their_words(value, expected):
+    assert mc.parse_compile(value) == expected
+
+
+def test_parse_compile_names_the_id_on_a_bad_value():
+    with pytest.raises(ConfigError, match="compile"):
+        mc.parse_compile("sometimes")
+
+
+def test_auto_is_off_without_a_measurement_and_says_why():
+    on, reason = mc.resolve_compile("auto", "cpu")
+    assert not on
+    assert mc.compile_key("cpu") in reason and "no measurement" in reason
+
+
+def test_auto_follows_a_recorded_measurement_and_the_run_length(monkeypatch):
+    key = mc.compile_key("cpu")
+    monkeypatch.setattr(mc, "MEASURED", {key: {"speedup": 1.5, "compile_s": 300.0, "step_s": 3.0}})
+    assert mc.resolve_compile("auto", "cpu")[0]
+    # 100 steps save 100 * 3 * (1 - 1/1.5) = 100 s < 300 s of compiling: off; 1000 steps save 1000 s: on
+    on, reason = mc.resolve_compile("auto", "cpu", iterations=100)
+    assert not on and "300 s compile" in reason
+    assert mc.resolve_compile("auto", "cpu", iterations=1000)[0]
+    monkeypatch.setattr(mc, "MEASURED", {key: {"speedup": 1.05}})
+    assert not mc.resolve_compile("auto", "cpu")[0]
+    assert mc.resolve_compile("true", "cpu")[0] and not mc.resolve_compile("false", "cpu")[0]
+
+
+def test_compile_false_and_auto_leave_the_module_as_it_is(caplog):
+    net = torch.nn.Linear(4, 2)
+    with caplog.at_level(logging.INFO, logger="medssl.compile"):
+        assert mc.compile_network(net, "auto") is net
+    assert "forward" not in net.__dict__
+    assert "compile auto -> off" in caplog.text
+
+
+def test_compile_true_without_a_cpp_compiler_is_a_config_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(mc, "cpp_compiler", lambda: None)
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
+        mc.compile_network(torch.nn.Linear(4, 2), "true", "cpu", tmp_path)
+
+
+def test_set_cache_dir_keeps_a_users_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert mc.set_cache_dir(tmp_path / "run") == str(tmp_path / "mine")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # inductor builds C++ kernels: ~8 s on an idle 2-core CPU, a minute when loaded
+@pytest.mark.skipif(mc.cpp_compiler() is None, reason="inductor on CPU needs a C++ compiler")
+def test_compiled_forward_matches_eager_keeps_the_state_dict_and_caches_under_the_run(tmp_path):
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    net.load_state_dict(eager.state_dict())
+    keys = list(net.state_dict())
+    assert mc.compile_network(net, "true", "cpu", tmp_path) is net
+    assert "forward" in net.__dict__ and list(net.state_dict()) == keys
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(net(x), eager(x), rtol=1e-5, atol=1e-6)
+    cache = tmp_path / mc.CACHE_SUBDIR
+    assert cache.is_dir() and any(cache.rglob("*")), "inductor wrote nothing under the run's folder"
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [["ssl_pretrain.yaml"], ["supervised.yaml", "btcv_unetr.yaml"], ["supervised.yaml", "la_vnet.yaml"]],
+    ids=["ssl_pretrain", "btcv_unetr", "la_vnet"],
+)
+def test_make_network_and_the_bundle_id_compile_only_when_asked(configs, tmp_path, repo_root):
+    from monai.bundle import ConfigParser
+
+    from medssl.networks.build import make_network
+
+    assert "forward" not in make_network(torch.nn.Linear(4, 2), compile="auto").__dict__
+
+    def network(compile_value):
+        parser = ConfigParser()
+        parser.read_config([str(repo_root / "bundles" / c) for c in [*configs, "tiny.yaml"]])
+        parser.update({"bundle_root": str(repo_root), "output_dir": str(tmp_path), "device": "cpu",
+                       "compile": compile_value})  # fmt: skip
+        return parser.get_parsed_content("network")
+
+    default, compiled = network("auto"), network("true")
+    assert "forward" not in default.__dict__  # auto: off (nothing measured), the bundle as before
+    assert "forward" in compiled.__dict__ and list(compiled.state_dict()) == list(default.state_dict())
+    assert (tmp_path / mc.CACHE_SUBDIR).is_dir()
+
+
+def test_predictor_compiles_only_on_request(tmp_path):
+    from bench.inference import prepare
+    from medssl.inference import Predictor
+
+    _, ckpt = prepare(tmp_path, (48, 48, 24), (1.5, 1.5, 2.0), "tiny", 32, seed=0)
+    assert "forward" not in Predictor(ckpt, device="cpu", progress=False).network.__dict__
+    predictor = Predictor(ckpt, device="cpu", progress=False, compile=True, compile_cache_dir=tmp_path / "c")
+    assert "forward" in predictor.network.__dict__
+    assert (tmp_path / "c" / mc.CACHE_SUBDIR).is_dir()
