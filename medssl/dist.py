@@ -11,6 +11,7 @@ cycle (``tests/test_import_graph.py`` checks that).
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 __all__ = [
     "is_distributed",
@@ -20,6 +21,7 @@ __all__ = [
     "resolve_rank",
     "gather_with_grad",
     "gather",
+    "unwrap_model",
 ]
 
 
@@ -94,3 +96,14 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     torch.distributed.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside ``DataParallel`` / ``DistributedDataParallel`` / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model

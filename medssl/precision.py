@@ -19,10 +19,24 @@ benchmarks default to ``auto``, and :func:`resolve_precision` is the one place i
 ``precision auto -> fp32 (CPU capability AVX2, no native bf16)``; an explicit ``bf16`` on a CPU without native
 bf16 runs but warns once with the probe's measured slowdown. :func:`precision_record` is what checkpoints and
 benchmark reports store.
+
+:func:`resolve_device` picks the device and :func:`autocast` the context a training or inference step runs in.
+MONAI's engines only autocast on CUDA (``amp=True`` → ``torch.autocast("cuda")`` + ``GradScaler``); medssl's
+``precision`` id runs the same bundle everywhere, ``auto`` resolved as above:
+
+=========  ==========================  ==============================
+precision  CPU                         CUDA
+=========  ==========================  ==============================
+``bf16``   ``torch.autocast("cpu",     ``torch.autocast("cuda",
+           dtype=torch.bfloat16)``     dtype=torch.bfloat16)``, no scaler
+``amp``    fp32 (no fp16 on CPU)       fp16 autocast + ``GradScaler``
+``fp32``   no autocast                 no autocast
+=========  ==========================  ==============================
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -46,6 +60,11 @@ __all__ = [
     "resolve_precision",
     "describe_precision",
     "precision_record",
+    "resolve_device",
+    "autocast",
+    "uses_grad_scaler",
+    "cuda_amp",
+    "cuda_amp_kwargs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -227,7 +246,7 @@ def _resolve(precision: str, device: torch.device, training: bool = True) -> tup
     if device.type != "cpu":
         return ("fp32" if precision == "auto" else precision), f"{device.type} device"
     if precision == "fp32" or precision == "amp":
-        return precision, "requested"  # amp on CPU runs fp32 (see medssl.engines.utils.autocast)
+        return precision, "requested"  # amp on CPU runs fp32 (see medssl.precision.autocast)
     if precision == "bf16":
         return (
             "bf16",
@@ -297,3 +316,65 @@ def precision_record(
     if dev.type == "cpu" and native_cpu_bf16() and (precision == "auto" or used == "bf16"):
         record["probe"] = cpu_probe().as_dict()
     return record
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → ``cuda`` when available, else ``cpu``; anything else is checked and returned as a device.
+
+    Raises:
+        ConfigError: an unknown device string, or CUDA requested on a machine without it.
+    """
+    if isinstance(device, torch.device):
+        dev = device
+    elif str(device).lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(str(device))
+        except RuntimeError as e:
+            raise ConfigError("device", f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device", f"device {str(dev)!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError("device", f"device {str(dev)!r} requested but only {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
+def autocast(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context for ``precision`` on ``device`` (a ``nullcontext`` when no autocast applies)."""
+    dev = torch.device(device)
+    precision = resolve_precision(precision, dev)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if dev.type == "cuda":
+        dtype = torch.float16 if precision == "amp" else torch.bfloat16
+        return torch.autocast("cuda", dtype=dtype)
+    if precision == "bf16":
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()  # fp16 autocast on CPU is slow and unsupported by many kernels
+
+
+def uses_grad_scaler(device: str | torch.device, precision: str) -> bool:
+    """fp16 needs loss scaling; bf16 has fp32's exponent range and does not."""
+    dev = torch.device(device)
+    return dev.type == "cuda" and resolve_precision(precision, dev) == "amp"
+
+
+def cuda_amp(device: str | torch.device, precision: str) -> bool:
+    """The ``amp`` flag for MONAI engines (evaluators): they autocast on CUDA only."""
+    dev = torch.device(device)
+    return dev.type == "cuda" and resolve_precision(precision, dev) != "fp32"
+
+
+def cuda_amp_kwargs(precision: str, device: str | torch.device | None = None) -> dict:
+    """The ``amp_kwargs`` for MONAI engines matching :func:`autocast` on CUDA.
+
+    Args:
+        precision: as :func:`autocast`.
+        device: where the engine runs; ``auto`` resolves for it (default: CUDA when available). Off CUDA the
+            kwargs are unused (:func:`cuda_amp` is False) and ``auto`` gives fp16's.
+    """
+    dev = torch.device("cuda" if device is None and torch.cuda.is_available() else (device or "cpu"))
+    used = resolve_precision(precision, dev) if dev.type == "cuda" or precision != "auto" else "amp"
+    return {"dtype": torch.bfloat16 if used == "bf16" else torch.float16}

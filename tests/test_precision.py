@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from medssl import precision as P
-from medssl.engines import utils
 from medssl.errors import ConfigError
 
 
@@ -51,7 +50,7 @@ def test_auto_trains_in_fp32_on_native_bf16_without_amx_and_infers_in_bf16(monke
     assert "native bf16 without AMX: fp32 for training" in P.describe_precision("auto", "cpu")
     assert P.resolve_precision("auto", "cpu", training=False) == "bf16"
     assert P.resolve_precision("bf16", "cpu") == "bf16"  # an explicit choice is kept
-    with utils.autocast("cpu", "auto"):
+    with P.autocast("cpu", "auto"):
         assert (torch.randn(4, 4) @ torch.randn(4, 4)).dtype == torch.float32
 
 
@@ -63,7 +62,7 @@ def test_auto_is_fp32_without_native_bf16_and_never_probes(monkeypatch, caplog):
     assert calls == []  # a bf16 convolution there is the slow kernel the rule avoids
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["precision auto -> fp32 (CPU capability AVX2, no native bf16)"]  # logged once
-    with utils.autocast("cpu", "auto"):
+    with P.autocast("cpu", "auto"):
         assert (torch.randn(4, 4) @ torch.randn(4, 4)).dtype == torch.float32
 
 
@@ -83,7 +82,7 @@ def test_auto_on_a_native_bf16_cpu_follows_the_probe(monkeypatch, conv, matmul, 
     assert line.startswith(f"precision auto -> {used} (CPU capability AVX512, native bf16; ") and words in line
     record = P.precision_record("auto", "cpu")
     assert record["requested"] == "auto" and record["used"] == used and record["probe"]["conv_ratio"] == conv
-    with utils.autocast("cpu", "auto"):
+    with P.autocast("cpu", "auto"):
         out = torch.randn(4, 4) @ torch.randn(4, 4)
     assert out.dtype == (torch.bfloat16 if used == "bf16" else torch.float32)
 
@@ -95,10 +94,10 @@ def test_auto_on_cuda(monkeypatch, bf16_supported, used):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Mock GPU")
     assert P.resolve_precision("auto", "cuda") == used
     assert P.describe_precision("auto", "cuda").startswith(f"precision auto -> {used} (CUDA device Mock GPU ")
-    assert utils.uses_grad_scaler("cuda", "auto") is (used == "amp")
-    assert utils.cuda_amp("cuda", "auto") is True
+    assert P.uses_grad_scaler("cuda", "auto") is (used == "amp")
+    assert P.cuda_amp("cuda", "auto") is True
     dtype = torch.bfloat16 if used == "bf16" else torch.float16
-    assert utils.cuda_amp_kwargs("auto", "cuda") == {"dtype": dtype}
+    assert P.cuda_amp_kwargs("auto", "cuda") == {"dtype": dtype}
     assert calls == []  # the CPU probe is not consulted for a CUDA device
 
 
@@ -110,7 +109,7 @@ def test_explicit_bf16_without_native_bf16_warns_once_with_the_slowdown_and_runs
         warnings.simplefilter("error")
         assert P.resolve_precision("bf16", "cpu") == "bf16"  # once per process
     assert P.resolve_precision("auto", "cpu") == "fp32"  # auto never picks it there
-    with utils.autocast("cpu", "bf16"):
+    with P.autocast("cpu", "bf16"):
         assert (torch.randn(4, 4) @ torch.randn(4, 4)).dtype == torch.bfloat16
 
 
@@ -188,3 +187,23 @@ def test_cli_and_study_default_to_auto():
     args = build_parser().parse_args(["infer", "--model", "m.pt", "--input", "x", "--output", "o"])
     assert args.precision == "auto"
     assert StudyConfig(datalist="d.json", out="o").precision == "auto"
+
+
+def test_resolve_device_and_precision():
+    assert P.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert P.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="'gpu0'"):
+        P.resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            P.resolve_device("cuda:1")
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    with P.autocast("cpu", "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    for p in ("fp32", "amp"):
+        with P.autocast("cpu", p):
+            assert (a @ b).dtype == torch.float32
+    with pytest.raises(ConfigError, match="'fp16'"):
+        P.autocast("cpu", "fp16")
+    assert not P.uses_grad_scaler("cpu", "amp") and not P.cuda_amp("cpu", "bf16")
+    assert P.cuda_amp_kwargs("bf16") == {"dtype": torch.bfloat16}

@@ -80,12 +80,12 @@ def init_distributed(device: str | torch.device = "auto", timeout_minutes: float
             minutes); ``None`` keeps PyTorch's default.
 
     Returns:
-        ``torch.device``; without torchrun's environment simply :func:`medssl.engines.utils.resolve_device`.
+        ``torch.device``; without torchrun's environment simply :func:`medssl.precision.resolve_device`.
 
     Raises:
         ConfigError: a ``cuda:N`` device under torchrun, or CUDA requested where there is none.
     """
-    from medssl.engines.utils import resolve_device
+    from medssl.precision import resolve_device
 
     if not _launched_by_torchrun() and not is_distributed():
         return resolve_device(device)
@@ -155,7 +155,7 @@ def wrap_ddp(
             and DDP does no per-step search; ``True``: DDP searches the autograd graph for unused parameters every
             step (slower; for models whose used parameters change from step to step); ``False``: neither.
     """
-    from medssl.engines.utils import as_bool
+    from medssl.config import as_bool
 
     if not is_distributed():
         return network
@@ -274,7 +274,7 @@ class DistributedDataLoader(DataLoader):
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        from medssl.engines.utils import as_bool
+        from medssl.config import as_bool
 
         shuffle = as_bool(shuffle, "shuffle")
         world = get_world_size()

@@ -27,13 +27,15 @@ import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
+from medssl.dist import unwrap_model
+
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
-__all__ = ["ema_alpha", "update_ema", "make_teacher", "teacher_noise", "unwrap_model", "EMATeacherHandler"]
+__all__ = ["ema_alpha", "update_ema", "make_teacher", "teacher_noise", "EMATeacherHandler"]
 
 
 def ema_alpha(step: int, decay: float = 0.99) -> float:
@@ -47,17 +49,6 @@ def ema_alpha(step: int, decay: float = 0.99) -> float:
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay must be in [0, 1], got {decay!r}")
     return min(1.0 - 1.0 / (step + 1.0), float(decay))
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside ``DataParallel`` / ``DistributedDataParallel`` / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def make_teacher(student: nn.Module) -> nn.Module:

@@ -37,13 +37,7 @@ from torch import nn
 
 from medssl.data.samplers import TwoStreamBatchSampler
 from medssl.engines.ema import EMATeacherHandler, make_teacher, teacher_noise
-from medssl.engines.utils import (
-    autocast,
-    backward_and_step,
-    cuda_amp,
-    cuda_amp_kwargs,
-    uses_grad_scaler,
-)
+from medssl.engines.utils import backward_and_step
 from medssl.errors import ConfigError, DataError
 from medssl.handlers.budget import attach_budget, initial_max_epochs
 from medssl.losses.consistency import (
@@ -55,6 +49,7 @@ from medssl.losses.consistency import (
     uncertainty_mask,
 )
 from medssl.networks.outputs import first_output
+from medssl.precision import autocast, cuda_amp, cuda_amp_kwargs, uses_grad_scaler
 
 if TYPE_CHECKING:
     from ignite.engine import Events

@@ -58,11 +58,12 @@ from torch import nn
 
 from medssl.data.patches import DEFAULT_ORGANS, token_majority_labels
 from medssl.data.records import image_records, labeled_records
-from medssl.engines.utils import autocast, backward_and_step, reject_reserved, resolve_device, uses_grad_scaler
+from medssl.engines.utils import backward_and_step, reject_reserved
 from medssl.errors import ConfigError, DataError
 from medssl.handlers.budget import attach_budget, initial_max_epochs
 from medssl.losses.supcon import SupConLoss
 from medssl.networks.s5cl import MODES, S5CLBase
+from medssl.precision import autocast, resolve_device, uses_grad_scaler
 
 __all__ = [
     "OPTIMIZER_LEARNING_RATES",
@@ -331,7 +332,7 @@ class S5CLTrainer(SupervisedTrainer):
         tokens_per_volume: segmentation: contrast a random subset of this many token positions per step (the same
             positions in both views), to bound the ``(2 * B * N)²`` similarity matrix; ``None``: every token.
         gather_distributed: SupCon negatives from every DDP rank.
-        precision: ``"auto"``, ``"bf16"``, ``"amp"`` or ``"fp32"`` (see :func:`medssl.engines.utils.autocast`).
+        precision: ``"auto"``, ``"bf16"``, ``"amp"`` or ``"fp32"`` (see :func:`medssl.precision.autocast`).
         weak_key, strong_key, label_key, true_label_key: batch keys.
         max_iterations: optimizer steps (``None``: no iteration limit); with ``max_epochs``, whichever comes first
             (:class:`medssl.handlers.budget.IterationBudget`).

@@ -9,15 +9,10 @@ import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 
-from medssl.engines.utils import (
-    autocast,
-    backward_and_step,
-    reject_reserved,
-    resolve_device,
-    uses_grad_scaler,
-)
+from medssl.engines.utils import backward_and_step, reject_reserved
 from medssl.handlers.budget import attach_budget, initial_max_epochs
 from medssl.networks.outputs import first_output
+from medssl.precision import autocast, resolve_device, uses_grad_scaler
 
 __all__ = ["TwoViewSSLTrainer"]
 
@@ -42,7 +37,7 @@ class TwoViewSSLTrainer(SupervisedTrainer):
         optimizer: the optimizer.
         loss_function: called as ``loss_function(recon1, recon2, clean)`` → ``{"total", "reconstruction",
             "contrastive"}`` (e.g. :class:`medssl.losses.ssl.ReconstructionContrastiveLoss`).
-        precision: ``"auto"``, ``"bf16"``, ``"amp"`` or ``"fp32"`` (see :func:`medssl.engines.utils.autocast`).
+        precision: ``"auto"``, ``"bf16"``, ``"amp"`` or ``"fp32"`` (see :func:`medssl.precision.autocast`).
         view_keys: the two view keys.
         clean_key: the clean target key.
         max_iterations: optimizer steps to train (``None``: no iteration limit); with ``max_epochs``, whichever

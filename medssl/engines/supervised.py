@@ -1,7 +1,7 @@
 """Supervised segmentation training on MONAI's ``SupervisedTrainer``: medssl precision and an iteration budget.
 
 MONAI's engines autocast on CUDA only. Instead of copying ``SupervisedTrainer._iteration``, the forward pass is
-moved under :func:`medssl.engines.utils.autocast` by wrapping the engine's inferer (:class:`AutocastInferer`),
+moved under :func:`medssl.precision.autocast` by wrapping the engine's inferer (:class:`AutocastInferer`),
 so bf16 runs on CPU and CUDA alike; the loss sees fp32 logits. The same wrapper serves the validation evaluator
 (sliding-window inference under bf16, accumulated in fp32).
 
@@ -18,8 +18,9 @@ import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 
-from medssl.engines.utils import autocast, cuda_amp_kwargs, reject_reserved, resolve_device, uses_grad_scaler
+from medssl.engines.utils import reject_reserved
 from medssl.handlers.budget import attach_budget, initial_max_epochs
+from medssl.precision import autocast, cuda_amp_kwargs, resolve_device, uses_grad_scaler
 
 __all__ = ["AutocastInferer", "SupervisedSegTrainer"]
 
@@ -31,7 +32,7 @@ class AutocastInferer:
         inferer: e.g. ``monai.inferers.SimpleInferer()`` or ``SlidingWindowInferer(roi_size, sw_batch_size)``;
             ``None`` calls the network directly.
         device: the device the network runs on.
-        precision: ``"auto"``, ``"bf16"``, ``"amp"`` or ``"fp32"`` (see :func:`medssl.engines.utils.autocast`).
+        precision: ``"auto"``, ``"bf16"``, ``"amp"`` or ``"fp32"`` (see :func:`medssl.precision.autocast`).
 
     Example::
 

@@ -1,22 +1,7 @@
-"""Small pieces every medssl training bundle shares: device and precision, seeding, batches.
-
-MONAI's engines only autocast on CUDA (``amp=True`` → ``torch.autocast("cuda")`` + ``GradScaler``). medssl adds
-a ``precision`` id so the same bundle runs everywhere; ``auto`` (the default) becomes one of the other three
-through :func:`medssl.precision.resolve_precision` (bf16 only where the hardware runs it fast):
-
-=========  ==========================  ==============================
-precision  CPU                         CUDA
-=========  ==========================  ==============================
-``bf16``   ``torch.autocast("cpu",     ``torch.autocast("cuda",
-           dtype=torch.bfloat16)``     dtype=torch.bfloat16)``, no scaler
-``amp``    fp32 (no fp16 on CPU)       fp16 autocast + ``GradScaler``
-``fp32``   no autocast                 no autocast
-=========  ==========================  ==============================
-"""
+"""Small pieces every medssl training bundle shares: seeding, batches, datasets, network configs."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -27,17 +12,10 @@ from typing import Any
 import torch
 
 from medssl.errors import ConfigError, DataError
-from medssl.precision import resolve_precision
 
 __all__ = [
     "backward_and_step",
     "reject_reserved",
-    "resolve_device",
-    "as_bool",
-    "autocast",
-    "uses_grad_scaler",
-    "cuda_amp",
-    "cuda_amp_kwargs",
     "seed_everything",
     "PrepareBatchKeys",
     "pick_scalars",
@@ -47,86 +25,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → ``cuda`` when available, else ``cpu``; anything else is checked and returned as a device.
-
-    Raises:
-        ConfigError: an unknown device string, or CUDA requested on a machine without it.
-    """
-    if isinstance(device, torch.device):
-        dev = device
-    elif str(device).lower() == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(str(device))
-        except RuntimeError as e:
-            raise ConfigError("device", f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device", f"device {str(dev)!r} requested but CUDA is not available")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError("device", f"device {str(dev)!r} requested but only {torch.cuda.device_count()} GPU(s)")
-    return dev
-
-
-def as_bool(value: Any, name: str = "value") -> bool:
-    """A config flag as a bool; command lines give strings (``--resume true`` arrives as ``"true"``).
-
-    Raises:
-        ConfigError: anything but a bool, 0/1 or true/false/yes/no/on/off.
-    """
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off", "none", "null", ""):
-        return False
-    raise ConfigError(name, f"expected true or false, got {value!r}")
-
-
-def autocast(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context for ``precision`` on ``device`` (a ``nullcontext`` when no autocast applies)."""
-    dev = torch.device(device)
-    precision = resolve_precision(precision, dev)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if dev.type == "cuda":
-        dtype = torch.float16 if precision == "amp" else torch.bfloat16
-        return torch.autocast("cuda", dtype=dtype)
-    if precision == "bf16":
-        return torch.autocast(dev.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()  # fp16 autocast on CPU is slow and unsupported by many kernels
-
-
-def uses_grad_scaler(device: str | torch.device, precision: str) -> bool:
-    """fp16 needs loss scaling; bf16 has fp32's exponent range and does not."""
-    dev = torch.device(device)
-    return dev.type == "cuda" and resolve_precision(precision, dev) == "amp"
-
-
-def cuda_amp(device: str | torch.device, precision: str) -> bool:
-    """The ``amp`` flag for MONAI engines (evaluators): they autocast on CUDA only."""
-    dev = torch.device(device)
-    return dev.type == "cuda" and resolve_precision(precision, dev) != "fp32"
-
-
-def cuda_amp_kwargs(precision: str, device: str | torch.device | None = None) -> dict:
-    """The ``amp_kwargs`` for MONAI engines matching :func:`autocast` on CUDA.
-
-    Args:
-        precision: as :func:`autocast`.
-        device: where the engine runs; ``auto`` resolves for it (default: CUDA when available). Off CUDA the
-            kwargs are unused (:func:`cuda_amp` is False) and ``auto`` gives fp16's.
-    """
-    dev = torch.device("cuda" if device is None and torch.cuda.is_available() else (device or "cpu"))
-    used = resolve_precision(precision, dev) if dev.type == "cuda" or precision != "auto" else "amp"
-    return {"dtype": torch.bfloat16 if used == "bf16" else torch.float16}
 
 
 def seed_everything(seed: int | None, deterministic: bool = False) -> int | None:

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
-from medssl.engines.ema import unwrap_model
-from medssl.engines.utils import as_bool, autocast
+from medssl.config import as_bool
+from medssl.dist import unwrap_model
+from medssl.precision import autocast
 
 __all__ = ["BatchNormRecalibration"]
 
@@ -37,7 +38,7 @@ class BatchNormRecalibration:
         interval: iterations between recalibrations (the validation interval).
         image_key: input key of a batch.
         device: where the batches go; default the device of ``target``'s first parameter.
-        precision: autocast as in training (see :func:`medssl.engines.utils.autocast`).
+        precision: autocast as in training (see :func:`medssl.precision.autocast`).
         at_start: also recalibrate on ``STARTED`` (when validation runs at start).
 
     Raises:

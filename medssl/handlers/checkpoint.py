@@ -32,9 +32,8 @@ import numpy as np
 import torch
 
 from medssl.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from medssl.dist import get_world_size, resolve_rank
-from medssl.engines.ema import unwrap_model
-from medssl.engines.utils import as_bool
+from medssl.config import as_bool
+from medssl.dist import get_world_size, resolve_rank, unwrap_model
 from medssl.errors import CheckpointError
 
 __all__ = [

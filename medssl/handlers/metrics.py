@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from medssl.atomic import atomic_write_text
+from medssl.config import as_bool
 from medssl.dist import resolve_rank
-from medssl.engines.utils import as_bool
 
 __all__ = ["CsvLog", "MetricHistory", "IterationLog", "ValidationLog", "PerClassDiceLogger", "RunTensorBoard"]
 

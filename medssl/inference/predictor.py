@@ -196,8 +196,7 @@ class Predictor:
         compile_cache_dir: str | os.PathLike | None = None,
     ):
         from medssl.checkpoint import build_network, check_network_config, load_checkpoint, out_of_memory_building
-        from medssl.engines.utils import resolve_device
-        from medssl.precision import PRECISIONS, resolve_precision
+        from medssl.precision import PRECISIONS, resolve_device, resolve_precision
 
         if precision not in PRECISIONS:
             raise ConfigError("precision", f"unknown precision {precision!r} (use one of {', '.join(PRECISIONS)})")
@@ -367,7 +366,7 @@ class Predictor:
         """The sliding window on a preprocessed ``image``; an allocation failure becomes a :class:`ResourceError`."""
         from tqdm import tqdm
 
-        from medssl.engines.utils import autocast
+        from medssl.precision import autocast
 
         n_windows = count_windows(image.shape[1:], self.roi_size, self.overlap)
         oom = None

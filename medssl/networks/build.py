@@ -93,7 +93,7 @@ def make_network(
     """
     if pretrained not in PRETRAINED_KINDS:
         raise ConfigError("pretrained", f"must be one of {PRETRAINED_KINDS}, got {pretrained!r}")
-    from medssl.engines.utils import as_bool
+    from medssl.config import as_bool
 
     partial = as_bool(allow_partial, "allow_partial_load")
     if partial and pretrained != "encoder":

@@ -1,4 +1,4 @@
-"""Engine utilities: devices, precision, flags, network configs, datasets, scalars, reserved keyword arguments."""
+"""Engine utilities: network configs, datasets, scalars, reserved keyword arguments."""
 
 from __future__ import annotations
 
@@ -12,36 +12,6 @@ from monai.transforms import Compose, RandGaussianNoised
 
 from medssl.engines import utils
 from medssl.errors import ConfigError, DataError
-
-
-def test_resolve_device_and_precision():
-    assert utils.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert utils.resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(ConfigError, match="'gpu0'"):
-        utils.resolve_device("gpu0")
-    if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="CUDA is not available"):
-            utils.resolve_device("cuda:1")
-    a, b = torch.randn(8, 8), torch.randn(8, 8)
-    with utils.autocast("cpu", "bf16"):
-        assert (a @ b).dtype == torch.bfloat16
-    for p in ("fp32", "amp"):
-        with utils.autocast("cpu", p):
-            assert (a @ b).dtype == torch.float32
-    with pytest.raises(ConfigError, match="'fp16'"):
-        utils.autocast("cpu", "fp16")
-    assert not utils.uses_grad_scaler("cpu", "amp") and not utils.cuda_amp("cpu", "bf16")
-    assert utils.cuda_amp_kwargs("bf16") == {"dtype": torch.bfloat16}
-
-
-@pytest.mark.parametrize("value, expected", [(True, True), ("true", True), ("False", False), (0, False), ("on", True)])
-def test_as_bool(value, expected):
-    assert utils.as_bool(value) is expected
-
-
-def test_as_bool_rejects_other_values():
-    with pytest.raises(ConfigError, match="'maybe'"):
-        utils.as_bool("maybe", "resume")
 
 
 def test_network_config_from_callable_component():
