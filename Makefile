@@ -13,7 +13,7 @@ $(BIN)/python:
 # Reinstall only when the packaging changes.
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,tracking]"
 	touch $(STAMP)
 
 install: $(STAMP)
