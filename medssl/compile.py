@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medssl.config import as_bool
 from medssl.errors import ConfigError
 
 __all__ = [
@@ -70,16 +71,12 @@ def parse_compile(value: Any) -> str:
     Raises:
         ConfigError: any other value (names the ``compile`` id).
     """
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = str(value).strip().lower()
-    if text in ("1", "yes", "on", "true"):
-        return "true"
-    if text in ("0", "no", "off", "false", "none", ""):
-        return "false"
-    if text == "auto":
+    if str(value).strip().lower() == "auto":
         return "auto"
-    raise ConfigError("compile", f"must be auto, true or false, got {value!r}")
+    try:
+        return "true" if as_bool(value, "compile") else "false"
+    except ConfigError:
+        raise ConfigError("compile", f"must be auto, true or false, got {value!r}") from None
 
 
 def compile_key(device: str | torch.device) -> str:

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from monai.data import DataLoader
 
+from medssl.config import as_bool
 from medssl.dist import get_rank, get_world_size, is_distributed, is_main_process
 from medssl.errors import ConfigError
 
@@ -155,8 +156,6 @@ def wrap_ddp(
             and DDP does no per-step search; ``True``: DDP searches the autograd graph for unused parameters every
             step (slower; for models whose used parameters change from step to step); ``False``: neither.
     """
-    from medssl.config import as_bool
-
     if not is_distributed():
         return network
     search = False
@@ -274,8 +273,6 @@ class DistributedDataLoader(DataLoader):
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        from medssl.config import as_bool
-
         shuffle = as_bool(shuffle, "shuffle")
         world = get_world_size()
         if world > 1 and batch_sampler is not None and getattr(batch_sampler, "num_replicas", None) != world:

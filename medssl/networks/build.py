@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medssl.config import as_bool
 from medssl.errors import CheckpointError, ConfigError
 
 __all__ = ["PRETRAINED_KINDS", "load_weights", "make_network"]
@@ -93,8 +94,6 @@ def make_network(
     """
     if pretrained not in PRETRAINED_KINDS:
         raise ConfigError("pretrained", f"must be one of {PRETRAINED_KINDS}, got {pretrained!r}")
-    from medssl.config import as_bool
-
     partial = as_bool(allow_partial, "allow_partial_load")
     if partial and pretrained != "encoder":
         raise ConfigError("allow_partial_load", "applies to a pretrained encoder only (pretrained='encoder')")
