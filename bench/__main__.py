@@ -8,8 +8,9 @@ arguments it runs ``all``, as ``make bench`` does.
 ``cuda`` (:mod:`bench.cuda`) is the GPU path (AMP, channels-last, cudnn.benchmark, CacheDataset +
 ThreadDataLoader); ``all`` runs it only where CUDA is available.
 
-A benchmark refuses to start when the load average exceeds the usable cores (exit status 3, no report; see
-:func:`bench.timing.start_load`) unless ``--allow-loaded``, which marks its report "loaded".
+A benchmark starts only on an idle machine: it waits up to 3 minutes for the 1-minute load average to fall below 1
+and otherwise refuses (exit status 3, no report; see :func:`bench.timing.start_load`) unless ``--allow-loaded``,
+which marks its report "loaded".
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def _inference_report(json_path: Path, before: list[float]) -> None:
             f"with medssl's precision ({cfg['precision']}) and windows (overlap {cfg['overlap']}, gaussian), labels "
             f"inverted (nearest); medssl: Predictor.\n\n{table}\n\nAgreement with the baseline: mean foreground Dice "
             f"{data['dice']:.4f}, equal voxels {data['voxels_equal']:.4f}.{same_line}\n\nCommand: `{cmd}`\n")  # fmt: skip
-    data = {**data, "machine": machine_facts(), "load_average": {"before": before, "after": load_average()}}
+    # bench.inference records the machine and the load it started at (after waiting for an idle machine)
+    data = {**data, "machine": data.get("machine") or machine_facts(),
+            "load_average": data.get("load_average") or {"before": before, "after": load_average()}}  # fmt: skip
     write_report("inference", "Inference (one volume, baseline vs medssl)", body, data, json_path.parent)
 
 

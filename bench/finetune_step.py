@@ -14,6 +14,8 @@ Cases (same weights, same batches in the same order, interleaved A B C A B C ...
   this CPU runs it fast, see :mod:`medssl.precision`), so its ratio to the fp32 baseline is what a user gets;
 * ``medssl+compile`` (only when named in ``--cases``): ``medssl+levers`` with the network's forward compiled
   (:func:`medssl.compile.compile_network`; the warm-up step pays the compile: "first step s").
+* ``medssl default+compile`` (only when named): ``medssl default`` compiled, the case ``compile: auto`` decides
+  for where ``auto`` trains in fp32.
 
 samples/s counts 96³ crops (the recipe takes 4 crops of one volume per step: ``--recipe-batch``; the default 1 is
 what 3 interleaved fp32 repetitions allow on a 2-core CPU; ``--batch``).
@@ -47,7 +49,7 @@ __all__ = ["CASES", "build_cases", "main"]
 
 CASES = ("baseline", "medssl", "medssl+levers", "medssl default")
 #: cases run only when ``--cases`` names them
-EXTRA_CASES = ("medssl+compile",)
+EXTRA_CASES = ("medssl+compile", "medssl default+compile")
 #: crops per step of the recipe (btcv_unetr.yaml: num_samples 4 of one volume)
 RECIPE_BATCH = 4
 LR, WEIGHT_DECAY = 1e-4, 1e-5
@@ -123,9 +125,9 @@ def build_cases(
             continue
         model = UNETR(**kwargs, num_layers=12, patch_size=16)
         model.load_state_dict(model0.state_dict(), strict=True)
-        precision = "auto" if name == "medssl default" else "bf16"
+        precision = "auto" if name.startswith("medssl default") else "bf16"
         steps[name] = _medssl_step(model, Cycle(batches), losses[name], name != "medssl", tmp, precision,
-                                   compile=name == "medssl+compile")  # fmt: skip
+                                   compile=name.endswith("+compile"))  # fmt: skip
     return steps, losses, model0, batches
 
 

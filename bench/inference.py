@@ -214,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         return _worker(args)
-    from bench.timing import start_load
+    from bench.timing import load_average, machine_facts, report_loaded, start_load
 
-    start_load(args.allow_loaded)
+    before = start_load(args.allow_loaded)
 
     with tempfile.TemporaryDirectory(prefix="medssl-bench-") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = _run(kind, volume, ckpt, workdir / f"{kind}.npy", args)
                 results[kind].append(r)
                 print(f"rep {rep + 1}/{args.repeats} {kind:8s} {r['seconds']:8.1f} s  {r['peak_rss'] / 2**30:6.2f} GiB")
+        after = load_average()
         agreement = label_agreement(np.load(workdir / "baseline.npy"), np.load(workdir / "medssl.npy"))
         same = workdir / "recipe_same.npy"
         fresh = "recipe_same" in results or args.reuse  # never a stale map of an earlier run in --workdir
@@ -245,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         if same_agreement is not None:
             print(f"agreement of the kept recipe_same and medssl labels: {same_agreement}")
         return 0
+    from medssl.precision import precision_record
+
+    machine = {**machine_facts(), "torch_threads": args.threads,
+               "precision_auto_inference": precision_record("auto", "cpu", training=False)}  # fmt: skip
+    load = {"before": before, "after": after}
+    loaded = report_loaded(load, machine["usable_cores"])
     t = {k: [r["seconds"] for r in v] for k, v in results.items()}
     m = {k: [r["peak_rss"] / 2**30 for r in v] for k, v in results.items()}
     summary = {
@@ -254,9 +261,17 @@ def main(argv: list[str] | None = None) -> int:
         "memory_ratio": statistics.median(m["medssl"]) / statistics.median(m["baseline"]),
         **agreement,
         "recipe_same_vs_medssl": same_agreement,
+        "machine": machine,
+        "load_average": load,
+        "loaded": loaded,
     }
     if "recipe_same" in t:  # what medssl's slab pipeline adds at the same precision and windows
         summary["speedup_vs_recipe_same"] = statistics.median(t["recipe_same"]) / statistics.median(t["medssl"])
+    print(
+        f"{machine['cpu']}, CPU capability {machine['cpu_capability']}, {args.threads} torch threads per worker; "
+        f"precision auto -> {machine['precision_auto_inference']['used']} for inference; load average before "
+        f"{before}, after {after}" + (" -- LOADED: not an idle-machine measurement" if loaded else "")
+    )
     print("wall time (s)   " + "   ".join(f"{k} {_stats(v)}" for k, v in t.items()))
     print("peak RSS (GiB)  " + "   ".join(f"{k} {_stats(v)}" for k, v in m.items()))
     print(f"speed-up {summary['speedup']:.2f}x   memory medssl/baseline {summary['memory_ratio']:.2f}")

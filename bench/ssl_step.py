@@ -16,6 +16,8 @@ Cases (same initial weights, same batches in the same order, interleaved A B C A
 * ``medssl+compile`` (only when named in ``--cases``): ``medssl+levers`` with the network's forward compiled
   (:func:`medssl.compile.compile_network`, ``compile: true``; the warm-up step pays the compile, whose time the
   report gives separately), to fill :data:`medssl.compile.MEASURED`.
+* ``medssl default+compile`` (only when named): ``medssl default`` compiled, the case ``compile: auto`` decides
+  for where ``auto`` trains in fp32.
 
 A step trains on ``--batch`` crops (default 2, what 5 interleaved fp32 repetitions allow on a 2-core CPU;
 ``--recipe-batch``: the recipe's 4 volumes × 2 crops = 8) (each crop gives two views, so the network sees ``2 × batch`` volumes).
@@ -53,7 +55,7 @@ __all__ = ["CASES", "build_cases", "main"]
 
 CASES = ("baseline", "medssl", "medssl+levers", "medssl default")
 #: cases run only when ``--cases`` names them
-EXTRA_CASES = ("medssl+compile",)
+EXTRA_CASES = ("medssl+compile", "medssl default+compile")
 #: crops per step of the recipe (ssl_pretrain.yaml: batch_size 4 volumes × num_samples 2)
 RECIPE_BATCH = 8
 
@@ -134,9 +136,9 @@ def build_cases(
         if name == "baseline":
             steps[name] = _baseline_step(model, Cycle(batches), lr, losses[name])
         else:
-            precision = "auto" if name == "medssl default" else "bf16"
+            precision = "auto" if name.startswith("medssl default") else "bf16"
             steps[name] = _medssl_step(model, Cycle(batches), lr, losses[name], name != "medssl", tmp, precision,
-                                       compile=name == "medssl+compile")  # fmt: skip
+                                       compile=name.endswith("+compile"))  # fmt: skip
     return steps, losses, model0, batches
 
 

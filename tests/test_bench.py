@@ -110,6 +110,7 @@ def test_a_loaded_machine_is_refused_unless_allowed(monkeypatch, tmp_path, capsy
 
     cores = bench.timing.usable_cores()
     monkeypatch.setattr(bench.timing, "load_average", lambda: [cores + 1.5, 1.0, 1.0])
+    monkeypatch.setattr(bench.timing, "IDLE_WAIT_S", 0.0)
     args = ["matmul", "--tiny", "--reps", "1", "--warmup", "0", "--threads", "1", "--out-dir", str(tmp_path)]
     assert main(args) == bench.timing.LOADED_EXIT
     assert "--allow-loaded" in capsys.readouterr().err and not list(tmp_path.iterdir())
@@ -118,6 +119,31 @@ def test_a_loaded_machine_is_refused_unless_allowed(monkeypatch, tmp_path, capsy
     assert data["loaded"]
     rows = [line for line in (tmp_path / "matmul.md").read_text().splitlines() if line.startswith("| square")]
     assert rows and all("(loaded)" in row for row in rows)
+
+
+def test_start_waits_for_an_idle_machine(monkeypatch, capsys):
+    """Idle = 1-minute load below 1: the start waits while a previous run's load decays, and refuses a busy one."""
+    import bench.timing
+
+    loads = iter([[1.8, 1.0, 0.5], [1.3, 1.0, 0.5], [0.7, 0.9, 0.5]])
+    slept: list[float] = []
+    monkeypatch.setattr(bench.timing, "load_average", lambda: next(loads))
+    monkeypatch.setattr("time.sleep", slept.append)
+    assert bench.timing.start_load(wait_s=60) == [0.7, 0.9, 0.5]
+    assert len(slept) == 2 and "waiting up to 60 s" in capsys.readouterr().err
+    # below the core count but not idle, for longer than the wait: refused, and the message names the load
+    monkeypatch.setattr(bench.timing, "load_average", lambda: [1.2, 1.1, 1.0])
+    with pytest.raises(bench.timing.MachineLoaded, match="1.20"):
+        bench.timing.start_load(wait_s=0)
+    assert bench.timing.start_load(allow_loaded=True) == [1.2, 1.1, 1.0]
+
+
+def test_a_report_is_marked_loaded_by_its_start_or_its_end():
+    from bench.timing import report_loaded
+
+    assert not report_loaded({"before": [0.4, 0.3, 0.2], "after": [1.9, 1.0, 0.5]}, cores=2)  # its own 2 threads
+    assert report_loaded({"before": [1.0, 0.3, 0.2], "after": [1.9, 1.0, 0.5]}, cores=2)  # not idle at the start
+    assert report_loaded({"before": [0.4, 0.3, 0.2], "after": [2.5, 1.0, 0.5]}, cores=2)  # others joined
 
 
 def test_bench_main_rejects_unknown_names(capsys):
