@@ -10,11 +10,15 @@ eagerly without a word. A deep copy of a compiled module would call the original
 their network (Mean Teacher's teacher) do not take the id.
 
 ``auto`` (:func:`resolve_compile`) is deliberately conservative: compiling is on only where a measurement in
-:data:`MEASURED` for this device kind (``"cpu:<capability>"`` or ``"cuda"``) says the compiled step is at least
-:data:`MIN_SPEEDUP` times faster and, when the run's length is known, that the time saved over the run exceeds the
-compile time. Nothing is recorded yet, so ``auto`` is off everywhere, with the reason logged. ``true`` compiles
-(on CPU inductor needs a C++ compiler: a missing one is a :class:`~medssl.errors.ConfigError` naming the id);
-``false`` never does.
+:data:`MEASURED` says the compiled step of *this* workload is at least :data:`MIN_SPEEDUP` times faster and, when
+the run's length is known, that the time saved over the run exceeds the compile time. A workload
+(:func:`compile_key`) is the device kind (``"cuda"``, or ``"cpu:<torch CPU capability>"`` with ``+AMX`` on a CPU
+with AMX tiles: an AMX Xeon and a Zen 5 both report ``AVX512``), the network class, the precision actually used
+and training or inference; a record also holds the measured network's parameter count, and applies only to a
+network within 5 % of it (what ``torch.compile`` buys a ViT-B says nothing about a tiny test model). Where no
+record applies, ``auto`` is off, with the reason logged, and it is off where inductor would need a C++ compiler that
+is missing. ``true`` compiles (on CPU a missing C++ compiler is a :class:`~medssl.errors.ConfigError` naming the
+id); ``false`` never does.
 
 The inductor cache (``TORCHINDUCTOR_CACHE_DIR``) is set to ``<output_dir>/torch_compile_cache`` before compiling,
 unless the environment already names one (that one is kept, and logged).
@@ -40,9 +44,11 @@ __all__ = [
     "COMPILE_CHOICES",
     "MEASURED",
     "MIN_SPEEDUP",
+    "PARAMS_TOLERANCE",
     "compile_key",
     "compile_network",
     "cpp_compiler",
+    "device_kind",
     "parse_compile",
     "resolve_compile",
     "set_cache_dir",
@@ -55,11 +61,35 @@ CACHE_SUBDIR = "torch_compile_cache"
 #: a compiled step must be at least this much faster (measured) before ``auto`` turns compiling on
 MIN_SPEEDUP = 1.1
 
-#: Measurements of the compiled training step by :func:`compile_key`: ``{"speedup": eager s / compiled s,
-#: "compile_s": seconds of the first (compiling) step minus an eager one, "step_s": eager seconds per step,
-#: "source": where it was measured}``. Empty: no measurement recorded yet (``python -m bench ssl_step --cases
-#: medssl+levers medssl+compile`` measures one), so ``auto`` is off everywhere.
-MEASURED: dict[str, Mapping[str, Any]] = {}
+#: Measurements of a compiled step by :func:`compile_key`: ``{"speedup": median eager s / median compiled s,
+#: "compile_s": the first (compiling) step's seconds minus the eager first step's, "step_s": median eager seconds
+#: per step, "params": the measured network's parameter count, "source": the benchmark and its machine}``.
+#: ``python -m bench ssl_step`` / ``finetune_step --recipe-batch`` measure them (cases ``medssl default`` and
+#: ``medssl default+compile``, or ``medssl+levers`` and ``medssl+compile`` for bf16); BENCHMARKS.md has the runs.
+MEASURED: dict[str, Mapping[str, Any]] = {
+    # AMD EPYC (Zen 5), 2 cores, 2 torch threads, started idle; BENCHMARKS.md "Round 2". Fine-tuning: `bench
+    # finetune_step --recipe-batch --reps 3` (UNETR ViT-B/16, 4 crops of 96^3), 7 Dec 2026, load 0.85 at the start.
+    "cpu:AVX512/UNETR/fp32/train": {
+        "speedup": 1.34, "compile_s": 81.0, "step_s": 30.7, "params": 92_802_478,
+        "source": "bench finetune_step --recipe-batch, AMD EPYC Zen 5, 2 threads",
+    },
+    "cpu:AVX512/UNETR/bf16/train": {
+        "speedup": 1.35, "compile_s": 113.0, "step_s": 14.7, "params": 92_802_478,
+        "source": "bench finetune_step --recipe-batch, AMD EPYC Zen 5, 2 threads",
+    },
+    # SSL: `bench ssl_step --recipe-batch --reps 3` (ViTAutoEnc ViT-B/16, 8 crops x 2 views of 96^3): fp32 on
+    # 7 Dec 2026 (load 0.5 at the start), bf16 on 2 Dec 2026 (load 0.3). Compiling does not pay here.
+    "cpu:AVX512/ViTAutoEnc/fp32/train": {
+        "speedup": 1.01, "compile_s": 35.0, "step_s": 12.2, "params": 89_146_641,
+        "source": "bench ssl_step --recipe-batch, AMD EPYC Zen 5, 2 threads",
+    },
+    "cpu:AVX512/ViTAutoEnc/bf16/train": {
+        "speedup": 1.06, "compile_s": 44.0, "step_s": 5.08, "params": 89_146_641,
+        "source": "bench ssl_step --recipe-batch, AMD EPYC Zen 5, 2 threads",
+    },
+}  # fmt: skip
+#: a record applies to a network whose parameter count is within this fraction of the measured one
+PARAMS_TOLERANCE = 0.05
 
 _ENV = "TORCHINDUCTOR_CACHE_DIR"
 _set_by_us: str | None = None
@@ -79,14 +109,29 @@ def parse_compile(value: Any) -> str:
         raise ConfigError("compile", f"must be auto, true or false, got {value!r}") from None
 
 
-def compile_key(device: str | torch.device) -> str:
-    """The device kind :data:`MEASURED` is keyed by: ``"cuda"``, or ``"cpu:<torch CPU capability>"``."""
+def device_kind(device: str | torch.device) -> str:
+    """``"cuda"``, or ``"cpu:<torch CPU capability>"`` with ``+AMX`` where the CPU has AMX tiles."""
     device = torch.device(device)
     if device.type == "cuda":
         return "cuda"
-    from medssl.precision import cpu_capability
+    if device.type != "cpu":
+        return device.type
+    from medssl.precision import amx_cpu, cpu_capability
 
-    return f"{device.type}:{cpu_capability()}"
+    return f"cpu:{cpu_capability()}" + ("+AMX" if amx_cpu() else "")
+
+
+def compile_key(device: str | torch.device, network: nn.Module | str, precision: str, *, training: bool = True) -> str:
+    """The workload :data:`MEASURED` is keyed by, e.g. ``"cpu:AVX512/UNETR/fp32/train"``.
+
+    Args:
+        device: where the network runs (:func:`device_kind`).
+        network: the module or its class name.
+        precision: the precision actually used (``fp32`` / ``bf16`` / ``amp``, not ``auto``).
+        training: a training step (``train``) or a forward only (``infer``).
+    """
+    name = network if isinstance(network, str) else type(network).__name__
+    return f"{device_kind(device)}/{name}/{precision}/{'train' if training else 'infer'}"
 
 
 def cpp_compiler() -> str | None:
@@ -106,13 +151,23 @@ def cpp_compiler() -> str | None:
 
 
 def resolve_compile(
-    compile: Any, device: str | torch.device = "cpu", *, iterations: int | None = None
+    compile: Any,
+    device: str | torch.device = "cpu",
+    network: nn.Module | str | None = None,
+    precision: str = "auto",
+    *,
+    training: bool = True,
+    iterations: int | None = None,
 ) -> tuple[bool, str]:
     """``(compile or not, reason)`` for the ``compile`` id on ``device``.
 
     Args:
         compile: ``auto`` / ``true`` / ``false`` (or a bool).
         device: where the network runs.
+        network: the network (or its class name); ``auto`` needs it to find a measurement (and, for a module, to
+            check that the measured network had about as many parameters).
+        precision: the ``precision`` id; ``auto`` is resolved as the trainer / Predictor resolves it.
+        training: training step or forward only.
         iterations: the run's length in steps, when known: ``auto`` then also needs the recorded time saved per
             step × ``iterations`` to exceed the recorded compile time.
     """
@@ -121,10 +176,22 @@ def resolve_compile(
         return False, "compile false"
     if choice == "true":
         return True, "compile true"
-    key = compile_key(device)
+    if network is None:
+        return False, "compile auto -> off (no network named: no measurement to go by)"
+    from medssl.precision import resolve_precision
+
+    key = compile_key(device, network, resolve_precision(precision, device, training=training), training=training)
     record = MEASURED.get(key)
     if not record:
         return False, f"compile auto -> off ({key}: no measurement recorded that torch.compile helps here)"
+    measured_params = int(record.get("params") or 0)
+    if isinstance(network, nn.Module) and measured_params:
+        params = sum(p.numel() for p in network.parameters())
+        if abs(params - measured_params) > PARAMS_TOLERANCE * measured_params:
+            return False, (
+                f"compile auto -> off ({key}: measured on a network of {measured_params / 1e6:.1f} M parameters, "
+                f"this one has {params / 1e6:.1f} M)"
+            )
     speedup = float(record["speedup"])
     if speedup < MIN_SPEEDUP:
         return False, f"compile auto -> off ({key}: measured {speedup:.2f}x, below {MIN_SPEEDUP}x)"
@@ -135,6 +202,8 @@ def resolve_compile(
                 f"compile auto -> off ({key}: {speedup:.2f}x would save {saved:.0f} s over {iterations} steps, "
                 f"less than the {float(record['compile_s']):.0f} s compile)"
             )
+    if torch.device(device).type == "cpu" and cpp_compiler() is None:
+        return False, f"compile auto -> off ({key}: measured {speedup:.2f}x, but no C++ compiler for inductor)"
     return True, f"compile auto -> on ({key}: measured {speedup:.2f}x)"
 
 
@@ -179,16 +248,19 @@ def compile_network(
     device: str | torch.device = "cpu",
     output_dir: str | os.PathLike | None = None,
     *,
+    precision: str = "auto",
+    training: bool = True,
     iterations: int | None = None,
 ) -> nn.Module:
     """``network`` with its forward compiled by ``torch.compile`` when :func:`resolve_compile` says so.
 
-    The same module is returned (state dict unchanged); the decision and its reason are logged.
+    The same module is returned (state dict unchanged); the decision and its reason are logged. ``precision``,
+    ``training`` and ``iterations`` go to :func:`resolve_compile` (they matter to ``auto`` only).
 
     Raises:
         ConfigError: an invalid ``compile`` value, or ``compile`` true on CPU without a C++ compiler.
     """
-    on, reason = resolve_compile(compile, device, iterations=iterations)
+    on, reason = resolve_compile(compile, device, network, precision, training=training, iterations=iterations)
     if not on:
         if parse_compile(compile) != "false":  # an explicit false needs no line
             logger.info(reason)

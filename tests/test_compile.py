@@ -10,6 +10,8 @@ import torch
 from medssl import compile as mc
 from medssl.errors import ConfigError
 
+RECORDED = dict(mc.MEASURED)  # the shipped table (every test below starts from an empty one)
+
 
 @pytest.fixture(autouse=True)
 def _own_cache_env(monkeypatch):
@@ -32,22 +34,58 @@ def test_parse_compile_names_the_id_on_a_bad_value():
 
 
 def test_auto_is_off_without_a_measurement_and_says_why():
-    on, reason = mc.resolve_compile("auto", "cpu")
+    net = torch.nn.Linear(4, 2)
+    on, reason = mc.resolve_compile("auto", "cpu", net, "fp32")
     assert not on
-    assert mc.compile_key("cpu") in reason and "no measurement" in reason
+    assert mc.compile_key("cpu", net, "fp32") in reason and "no measurement" in reason
+    assert not mc.resolve_compile("auto", "cpu")[0]  # no network: nothing to look up
+
+
+def test_compile_key_names_the_device_kind_network_precision_and_task(monkeypatch):
+    import medssl.precision as mp
+
+    net = torch.nn.Linear(4, 2)
+    monkeypatch.setattr(mp, "cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(mp, "amx_cpu", lambda: False)
+    assert mc.compile_key("cpu", net, "fp32") == "cpu:AVX512/Linear/fp32/train"
+    monkeypatch.setattr(mp, "amx_cpu", lambda: True)  # an AMX Xeon reports AVX512 too: a different machine
+    assert mc.compile_key("cpu", "UNETR", "bf16", training=False) == "cpu:AVX512+AMX/UNETR/bf16/infer"
+    assert mc.compile_key("cuda", "UNETR", "bf16") == "cuda/UNETR/bf16/train"
 
 
 def test_auto_follows_a_recorded_measurement_and_the_run_length(monkeypatch):
-    key = mc.compile_key("cpu")
-    monkeypatch.setattr(mc, "MEASURED", {key: {"speedup": 1.5, "compile_s": 300.0, "step_s": 3.0}})
-    assert mc.resolve_compile("auto", "cpu")[0]
+    net = torch.nn.Linear(4, 2)  # 10 parameters
+    key = mc.compile_key("cpu", net, "fp32")
+    record = {"speedup": 1.5, "compile_s": 300.0, "step_s": 3.0, "params": 10}
+    monkeypatch.setattr(mc, "MEASURED", {key: record})
+    assert mc.resolve_compile("auto", "cpu", net, "fp32")[0]
+    # the record is for fp32 training: bf16, or a forward only, is another workload
+    assert not mc.resolve_compile("auto", "cpu", net, "bf16")[0]
+    assert not mc.resolve_compile("auto", "cpu", net, "fp32", training=False)[0]
     # 100 steps save 100 * 3 * (1 - 1/1.5) = 100 s < 300 s of compiling: off; 1000 steps save 1000 s: on
-    on, reason = mc.resolve_compile("auto", "cpu", iterations=100)
+    on, reason = mc.resolve_compile("auto", "cpu", net, "fp32", iterations=100)
     assert not on and "300 s compile" in reason
-    assert mc.resolve_compile("auto", "cpu", iterations=1000)[0]
+    assert mc.resolve_compile("auto", "cpu", net, "fp32", iterations=1000)[0]
+    # a network of another size (a tiny test model against a measured ViT-B) is not covered by the record
+    on, reason = mc.resolve_compile("auto", "cpu", torch.nn.Linear(40, 2), "fp32")
+    assert not on and "parameters" in reason
+    monkeypatch.setattr(mc, "cpp_compiler", lambda: None)  # auto never fails for want of a compiler
+    on, reason = mc.resolve_compile("auto", "cpu", net, "fp32")
+    assert not on and "C++ compiler" in reason
     monkeypatch.setattr(mc, "MEASURED", {key: {"speedup": 1.05}})
-    assert not mc.resolve_compile("auto", "cpu")[0]
+    on, reason = mc.resolve_compile("auto", "cpu", net, "fp32")
+    assert not on and "1.05x, below 1.1x" in reason
     assert mc.resolve_compile("true", "cpu")[0] and not mc.resolve_compile("false", "cpu")[0]
+
+
+def test_recorded_measurements_are_complete_and_keyed_like_compile_key():
+    assert RECORDED, "no compile measurement recorded"
+    for key, record in RECORDED.items():
+        kind, network, precision, task = key.split("/")
+        assert kind == "cuda" or kind.startswith("cpu:"), key
+        assert precision in ("fp32", "bf16", "amp") and task in ("train", "infer"), key
+        assert record["speedup"] > 0 and record["compile_s"] >= 0 and record["step_s"] > 0, key
+        assert record["params"] > 0 and record["source"], key
 
 
 def test_compile_false_and_auto_leave_the_module_as_it_is(caplog):
@@ -91,7 +129,7 @@ def test_compiled_forward_matches_eager_keeps_the_state_dict_and_caches_under_th
     [["ssl_pretrain.yaml"], ["supervised.yaml", "btcv_unetr.yaml"], ["supervised.yaml", "la_vnet.yaml"]],
     ids=["ssl_pretrain", "btcv_unetr", "la_vnet"],
 )
-def test_make_network_and_the_bundle_id_compile_only_when_asked(configs, tmp_path, repo_root):
+def test_make_network_and_the_bundle_id_compile_only_when_asked(configs, tmp_path, repo_root, monkeypatch):
     from monai.bundle import ConfigParser
 
     from medssl.networks.build import make_network
@@ -109,6 +147,17 @@ def test_make_network_and_the_bundle_id_compile_only_when_asked(configs, tmp_pat
     assert "forward" not in default.__dict__  # auto: off (nothing measured), the bundle as before
     assert "forward" in compiled.__dict__ and list(compiled.state_dict()) == list(default.state_dict())
     assert (tmp_path / mc.CACHE_SUBDIR).is_dir()
+
+    # auto looks up this network in the precision the trainer will use, and weighs tiny.yaml's 4 iterations
+    from medssl.precision import resolve_precision
+
+    key = mc.compile_key("cpu", default, resolve_precision("auto", "cpu"))
+    params = sum(p.numel() for p in default.parameters())
+    record = {"speedup": 2.0, "step_s": 1.0, "params": params, "source": "test"}
+    monkeypatch.setattr(mc, "MEASURED", {key: {**record, "compile_s": 10.0}})  # 4 steps save 2 s < 10 s
+    assert "forward" not in network("auto").__dict__
+    monkeypatch.setattr(mc, "MEASURED", {key: {**record, "compile_s": 1.0}})  # 2 s > 1 s: on
+    assert "forward" in network("auto").__dict__
 
 
 def test_predictor_compiles_only_on_request(tmp_path):

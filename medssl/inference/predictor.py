@@ -262,7 +262,9 @@ class Predictor:
             self.network = self.network.to(dtype=torch.bfloat16, memory_format=torch.channels_last_3d)
         from medssl.compile import compile_network
 
-        self.network = compile_network(self.network, compile, self.device, compile_cache_dir)
+        self.network = compile_network(
+            self.network, compile, self.device, compile_cache_dir, precision=self.precision, training=False
+        )
         self._transform = self._build_transform()
 
     # ------------------------------------------------------------------------------------------ pieces

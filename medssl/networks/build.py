@@ -72,6 +72,8 @@ def make_network(
     fast_kernels: bool | str = True,
     compile: bool | str = False,
     output_dir: str | os.PathLike | None = None,
+    precision: str = "auto",
+    iterations: int | None = None,
 ) -> nn.Module:
     """The training network of a bundle: built, moved to ``device``, weights loaded, fast kernels on.
 
@@ -85,6 +87,9 @@ def make_network(
         compile: ``auto`` / ``true`` / ``false``: compile the forward (:func:`medssl.compile.compile_network`);
             the state dict is unchanged.
         output_dir: the run's folder; the inductor cache goes to ``<output_dir>/torch_compile_cache``.
+        precision: the bundle's ``precision`` id and ``iterations`` its ``max_iterations``: what ``compile: auto``
+            looks up (:func:`medssl.compile.resolve_compile`: the measured speed-up of this network in this
+            precision here, and whether the run is long enough to repay the compile time).
 
     Raises:
         ConfigError: an unknown ``pretrained`` kind, ``allow_partial`` with ``pretrained="network"``, an invalid
@@ -112,4 +117,4 @@ def make_network(
         network = use_fused_attention(use_patch_matmul(network))
     from medssl.compile import compile_network
 
-    return compile_network(network, compile, device, output_dir)
+    return compile_network(network, compile, device, output_dir, precision=precision, iterations=iterations)
