@@ -22,8 +22,9 @@ Cases (same initial weights, same batches in the same order, interleaved A B C A
 A step trains on ``--batch`` crops (default 2, what 5 interleaved fp32 repetitions allow on a 2-core CPU;
 ``--recipe-batch``: the recipe's 4 volumes × 2 crops = 8) (each crop gives two views, so the network sees ``2 × batch`` volumes).
 samples/s counts crops. Achieved FLOP/s = FLOPs of one step (forward + backward of the network on 2 × batch
-volumes, counted with ``torch.utils.flop_counter``) / median seconds, compared with the bf16 matmul FLOP/s
-measured in the same run (``bench.matmul``, 2048³).
+volumes, counted with ``torch.utils.flop_counter``) / median seconds, compared with the matmul FLOP/s measured
+in the same run in the case's own precision (``bench.matmul``, 2048³: fp32 for the baseline and for ``medssl
+default`` where ``auto`` trains in fp32, bf16 otherwise).
 
 Example::
 
@@ -182,6 +183,17 @@ def profile(steps: dict[str, Callable[[], None]], rows: int = 20) -> str:
     return "\n".join(out)
 
 
+def case_precision(name: str) -> str:
+    """The precision a case trains in: fp32 (baseline), ``auto`` resolved (``medssl default...``), else bf16."""
+    if name == "baseline":
+        return "fp32"
+    if name.startswith("medssl default"):
+        from medssl.precision import resolve_precision
+
+        return resolve_precision("auto", "cpu")
+    return "bf16"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = bench_parser("ssl_step", __doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=None, help="crops per step (default: 2; the recipe: 4 × 2 = 8)")
@@ -216,10 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in seconds.items():
         rate = s.inverted(batch)
         achieved = flops / s.median
+        dtype = case_precision(name)
         rows.append([name, s.fmt(2), rate.fmt(3), f"{base.median / s.median:.2f}×" if base else "–",
-                     f"{achieved / 1e9:.0f}", f"{achieved / peak['bf16'].median:.0%}",
+                     f"{achieved / 1e9:.0f}", f"{achieved / peak[dtype].median:.0%} of {dtype}",
                      f"{first[name]:.2f}" if name in first else "–", args.reps])  # fmt: skip
-    headers = ["case", "s / step", "samples/s", "speed-up", "GFLOP/s", "of bf16 matmul", "first step s", "reps"]
+    headers = ["case", "s / step", "samples/s", "speed-up", "GFLOP/s", "of matmul", "first step s", "reps"]
     cmd = (f"python -m bench ssl_step{' --tiny' if args.tiny else ''} --batch {batch} --reps {args.reps} "
            f"--threads {args.threads} --cases {' '.join(repr(c) if ' ' in c else c for c in args.cases)}")  # fmt: skip
     model = "tiny ViTAutoEnc (32³, hidden 96, 2 layers)" if args.tiny else "ViTAutoEnc ViT-B/16 at 96³"

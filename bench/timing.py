@@ -60,7 +60,7 @@ IDLE_WAIT_S = 180.0
 #: own 2 threads bring a 2-core machine to about 2 (2.02 measured), another busy process to 3 or more
 END_MARGIN = 0.5
 #: environment variables that cap the instruction sets torch (ATen) and oneDNN use; recorded when set
-ISA_LIMIT_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+ISA_LIMIT_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 class MachineLoaded(SystemExit):

@@ -159,6 +159,7 @@ def test_machine_facts_record_an_instruction_set_limit(monkeypatch, tmp_path):
 
     monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     m = machine_facts()
     assert m["isa_limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
