@@ -65,14 +65,20 @@ def _inference_report(json_path: Path, before: list[float]) -> None:
              f"{m[k].median / m['baseline'].median:.2f}", len(t[k].values)] for k in t]  # fmt: skip
     table = markdown_table(["pipeline", "wall s", "peak RSS GiB", "speed-up", "memory ratio", "reps"], rows)
     cfg = data["config"]
-    cmd = (f"python -m bench inference --shape {' '.join(map(str, cfg['shape']))} --model {cfg['model']} "
-           f"--roi {cfg['roi']} --repeats {cfg['repeats']} --threads {cfg['threads']}")  # fmt: skip
+    cmd = (f"python -m bench inference --shape {' '.join(map(str, cfg['shape']))} "
+           f"--spacing {' '.join(map(str, cfg['spacing']))} --model {cfg['model']} --roi {cfg['roi']} "
+           f"--overlap {cfg['overlap']} --precision {cfg['precision']} --train-steps {cfg['train_steps']} "
+           f"--repeats {cfg['repeats']} --threads {cfg['threads']}")  # fmt: skip
+    used = (data.get("machine") or {}).get("precision_auto_inference") or {}
+    resolved = f" -> {used['used']} for inference" if cfg["precision"] == "auto" and used.get("used") else ""
     same = data.get("recipe_same_vs_medssl")
+    speed = data.get("speedup_vs_recipe_same")  # absent when recipe_same was not run (its kept map may be)
     same_line = (f" recipe_same vs medssl (same precision and windows): mean foreground Dice {same['dice']:.4f}, "
-                 f"equal voxels {same['voxels_equal']:.4f}; medssl {data['speedup_vs_recipe_same']:.2f}× faster than "
-                 f"recipe_same (the slab pipeline's share)." if same else "")  # fmt: skip
+                 f"equal voxels {same['voxels_equal']:.4f}" + (f"; medssl {speed:.2f}× faster than recipe_same (the "
+                 "slab pipeline's share)." if speed else " (recipe_same's map kept from an earlier run).")
+                 if same else "")  # fmt: skip
     body = (f"baseline: MONAI recipe, fp32, overlap 0.5, constant, probabilities inverted; recipe_same: the recipe "
-            f"with medssl's precision ({cfg['precision']}) and windows (overlap {cfg['overlap']}, gaussian), labels "
+            f"with medssl's precision ({cfg['precision']}{resolved}) and windows (overlap {cfg['overlap']}, gaussian), labels "
             f"inverted (nearest); medssl: Predictor.\n\n{table}\n\nAgreement with the baseline: mean foreground Dice "
             f"{data['dice']:.4f}, equal voxels {data['voxels_equal']:.4f}.{same_line}\n\nCommand: `{cmd}`\n")  # fmt: skip
     # bench.inference records the machine and the load it started at (after waiting for an idle machine)

@@ -189,6 +189,8 @@ def _stats(values: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.timing import ALLOW_LOADED_HELP
+
     p = argparse.ArgumentParser(prog="python -m bench inference", description=__doc__.splitlines()[0])
     p.add_argument("--shape", type=int, nargs=3, default=[512, 512, 200], help="volume voxels (x y z)")
     p.add_argument("--spacing", type=float, nargs=3, default=[0.75, 0.75, 2.0], help="volume spacing in mm")
@@ -204,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write the results as JSON")
     p.add_argument("--only", choices=KINDS, default=None, help="run one pipeline (needs --reuse)")
     p.add_argument("--no-recipe-same", action="store_true", help="skip the same-precision, same-windows recipe case")
-    p.add_argument("--allow-loaded", action="store_true",
-                   help="measure even when the load average exceeds the cores (the report is marked 'loaded')")  # fmt: skip
+    p.add_argument("--allow-loaded", action="store_true", help=ALLOW_LOADED_HELP)
     p.add_argument("--reuse", action="store_true", help="reuse the volume, model and label maps in --workdir")
     p.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     p.add_argument("--volume", help=argparse.SUPPRESS)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ALLOW_LOADED_HELP",
     "END_MARGIN",
     "IDLE_LOAD",
     "IDLE_WAIT_S",
@@ -59,6 +60,11 @@ IDLE_WAIT_S = 180.0
 #: a report is marked loaded when the load at its end exceeds the usable cores by more than this: a benchmark's
 #: own 2 threads bring a 2-core machine to about 2 (2.02 measured), another busy process to 3 or more
 END_MARGIN = 0.5
+#: ``--allow-loaded``'s help, shared by every benchmark
+ALLOW_LOADED_HELP = (
+    "start at once whatever the load average (without it a benchmark waits up to 3 min for the 1-minute load to "
+    "fall below 1, then refuses); a report that started at 1 or more is marked 'loaded'"
+)
 #: environment variables that cap the instruction sets torch (ATen) and oneDNN use; recorded when set
 ISA_LIMIT_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
@@ -270,10 +276,7 @@ def bench_parser(name: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=str(DEFAULT_OUT), help=f"report directory (default: {DEFAULT_OUT})")
-    p.add_argument("--allow-loaded", action="store_true",
-                   help="start at once whatever the load average (without it a benchmark waits up to 3 min for "
-                        "the 1-minute load to fall below 1, then refuses); a report that started at 1 or more is "
-                        "marked 'loaded'")  # fmt: skip
+    p.add_argument("--allow-loaded", action="store_true", help=ALLOW_LOADED_HELP)
     return p
 
 

@@ -83,14 +83,22 @@ def test_benchmark_writes_its_table(name, tmp_path):
 def test_inference_benchmark_tiny(tmp_path):
     from bench.__main__ import main
 
+    work = ["--workdir", str(tmp_path / "work")]
     args = ["inference", "--tiny", "--reps", "1", "--threads", "1", "--allow-loaded", "--out-dir", str(tmp_path)]
-    assert main(args) == 0
+    assert main([*args, *work]) == 0
     data = _check_report(tmp_path, "inference")
     assert data["speedup"] > 0 and 0 <= data["voxels_equal"] <= 1
     # the fair baseline: the recipe with medssl's precision and windows, labels inverted
     assert set(data["runs"]) == {"baseline", "recipe_same", "medssl"}
     assert 0 <= data["recipe_same_vs_medssl"]["voxels_equal"] <= 1
     assert "| recipe_same" in (tmp_path / "inference.md").read_text()
+    # again on the kept volume without recipe_same: its kept map is compared, no speed-up against it is claimed
+    again = tmp_path / "again"
+    assert main([*args[:-1], str(again), *work, "--reuse", "--no-recipe-same", "--overlap", "0.5"]) == 0
+    data = _check_report(again, "inference")
+    assert set(data["runs"]) == {"baseline", "medssl"} and "speedup_vs_recipe_same" not in data
+    text = (again / "inference.md").read_text()
+    assert "kept from an earlier run" in text and "--overlap 0.5" in text
 
 
 @pytest.mark.parametrize(("name", "recipe"), [("ssl_step", 8), ("finetune_step", 4)])
