@@ -11,8 +11,8 @@ Load: a benchmark starts on an idle machine only: :func:`start_load` waits up to
 previous benchmark of ``python -m bench all`` leaves ~2 behind, which decays below 1 in about 45 s) and refuses
 (exit status 3, no report) when it does not, unless ``--allow-loaded``. A report that started at a load of 1 or
 more, or whose load after the run exceeds the usable cores by more than :data:`END_MARGIN` (a 2-thread benchmark
-itself brings a 2-core machine to ~2), is marked "loaded" in its header and in every table row (``data["loaded"]``), so its numbers are never read as
-idle ones.
+itself brings a 2-core machine to ~2), is marked "loaded" in its header and in every table row
+(``data["loaded"]``), so its numbers are never read as idle ones.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def is_loaded(load: Sequence[float], cores: int | None = None) -> bool:
+def is_loaded(load: Sequence[float], cores: float | None = None) -> bool:
     """Whether the 1-minute load average ``load[0]`` exceeds ``cores`` (default: :func:`usable_cores`)."""
     return bool(load) and load[0] > (cores or usable_cores())
 
@@ -165,8 +165,8 @@ def start_load(allow_loaded: bool = False, wait_s: float | None = None) -> list[
 def report_loaded(load: Mapping[str, Sequence[float]], cores: int | None = None) -> bool:
     """Whether a report is marked loaded: started at a load of :data:`IDLE_LOAD` or more, or ended above ``cores``
     + :data:`END_MARGIN`."""
-    after = load.get("after") or []
-    return not is_idle(load.get("before") or []) or bool(after) and after[0] > (cores or usable_cores()) + END_MARGIN
+    ended_busy = is_loaded(load.get("after") or [], (cores or usable_cores()) + END_MARGIN)
+    return not is_idle(load.get("before") or []) or ended_busy
 
 
 def _cpu_flags() -> list[str]:
