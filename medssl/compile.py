@@ -67,25 +67,26 @@ MIN_SPEEDUP = 1.1
 #: ``python -m bench ssl_step`` / ``finetune_step --recipe-batch`` measure them (cases ``medssl default`` and
 #: ``medssl default+compile``, or ``medssl+levers`` and ``medssl+compile`` for bf16); BENCHMARKS.md has the runs.
 MEASURED: dict[str, Mapping[str, Any]] = {
-    # AMD EPYC (Zen 5), 2 cores, 2 torch threads, started idle; BENCHMARKS.md "Round 2". Fine-tuning: `bench
-    # finetune_step --recipe-batch --reps 3` (UNETR ViT-B/16, 4 crops of 96^3), 7 Dec 2026, load 0.85 at the start.
+    # AMD EPYC (Zen 5), 2 cores, 2 torch threads, each run started idle; BENCHMARKS.md "Round 2". Where two runs
+    # exist the lower speed-up is kept. Fine-tuning: `bench finetune_step --recipe-batch --reps 3` (UNETR ViT-B/16,
+    # 4 crops of 96^3), runs D and K of 7 Dec 2026: fp32 1.34x / 1.32x, bf16 1.35x / 1.10x.
     "cpu:AVX512/UNETR/fp32/train": {
-        "speedup": 1.34, "compile_s": 81.0, "step_s": 30.7, "params": 92_802_478,
-        "source": "bench finetune_step --recipe-batch, AMD EPYC Zen 5, 2 threads",
+        "speedup": 1.32, "compile_s": 85.0, "step_s": 25.3, "params": 92_802_478,
+        "source": "bench finetune_step --recipe-batch, AMD EPYC Zen 5, 2 threads (runs D, K)",
     },
     "cpu:AVX512/UNETR/bf16/train": {
-        "speedup": 1.35, "compile_s": 113.0, "step_s": 14.7, "params": 92_802_478,
-        "source": "bench finetune_step --recipe-batch, AMD EPYC Zen 5, 2 threads",
+        "speedup": 1.10, "compile_s": 85.0, "step_s": 10.6, "params": 92_802_478,
+        "source": "bench finetune_step --recipe-batch, AMD EPYC Zen 5, 2 threads (runs D, K)",
     },
-    # SSL: `bench ssl_step --recipe-batch --reps 3` (ViTAutoEnc ViT-B/16, 8 crops x 2 views of 96^3): fp32 on
-    # 7 Dec 2026 (load 0.5 at the start), bf16 on 2 Dec 2026 (load 0.3). Compiling does not pay here.
+    # SSL: `bench ssl_step --recipe-batch --reps 3` (ViTAutoEnc ViT-B/16, 8 crops x 2 views of 96^3), runs A (2 Dec),
+    # B and L (7 Dec): fp32 1.01x / 1.01x, bf16 1.06x / 0.98x. Compiling does not pay here.
     "cpu:AVX512/ViTAutoEnc/fp32/train": {
-        "speedup": 1.01, "compile_s": 35.0, "step_s": 12.2, "params": 89_146_641,
-        "source": "bench ssl_step --recipe-batch, AMD EPYC Zen 5, 2 threads",
+        "speedup": 1.01, "compile_s": 32.0, "step_s": 11.6, "params": 89_146_641,
+        "source": "bench ssl_step --recipe-batch, AMD EPYC Zen 5, 2 threads (runs B, L)",
     },
     "cpu:AVX512/ViTAutoEnc/bf16/train": {
-        "speedup": 1.06, "compile_s": 44.0, "step_s": 5.08, "params": 89_146_641,
-        "source": "bench ssl_step --recipe-batch, AMD EPYC Zen 5, 2 threads",
+        "speedup": 0.98, "compile_s": 28.0, "step_s": 6.5, "params": 89_146_641,
+        "source": "bench ssl_step --recipe-batch, AMD EPYC Zen 5, 2 threads (runs A, L)",
     },
 }  # fmt: skip
 #: a record applies to a network whose parameter count is within this fraction of the measured one
@@ -272,6 +273,26 @@ def compile_network(
             "install one or set compile: false",
         )
     cache = set_cache_dir(output_dir)
-    network.forward = torch.compile(network.forward)
+    network.forward = _plain_tensor_inputs(torch.compile(network.forward))
     logger.info(f"{reason}: {type(network).__name__}.forward compiled (inductor cache {cache or 'default'})")
     return network
+
+
+def _plain_tensor_inputs(compiled: Any) -> Any:
+    """``compiled`` called with MONAI ``MetaTensor`` arguments as plain tensors.
+
+    Every operation on a ``MetaTensor`` goes through its ``__torch_function__``, which dynamo cannot trace: a
+    MetaTensor batch (what MONAI transforms and loaders produce) broke the compiled UNETR forward into dozens of
+    graphs, one per call site, and hit dynamo's recompile limit; a small Conv3d net given one failed outright
+    (``TypeError: Multiple dispatch failed``). The network's output is then a plain tensor;
+    MONAI's sliding-window inferer restores the input's meta on its result, and losses do not use it.
+    """
+    from monai.data import MetaTensor
+
+    def plain(value: Any) -> Any:
+        return value.as_tensor() if isinstance(value, MetaTensor) else value
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return compiled(*(plain(a) for a in args), **{k: plain(v) for k, v in kwargs.items()})
+
+    return forward

@@ -169,3 +169,22 @@ def test_predictor_compiles_only_on_request(tmp_path):
     predictor = Predictor(ckpt, device="cpu", progress=False, compile=True, compile_cache_dir=tmp_path / "c")
     assert "forward" in predictor.network.__dict__
     assert (tmp_path / "c" / mc.CACHE_SUBDIR).is_dir()
+
+
+@pytest.mark.slow  # inductor builds C++ kernels: seconds on an idle 2-core CPU
+@pytest.mark.skipif(mc.cpp_compiler() is None, reason="inductor on CPU needs a C++ compiler")
+def test_a_metatensor_batch_compiles_as_one_graph(tmp_path):
+    # MONAI loaders yield MetaTensors; traced through their __torch_function__, every op was a graph break
+    from monai.data import MetaTensor
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.InstanceNorm3d(4), torch.nn.LeakyReLU())
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.InstanceNorm3d(4), torch.nn.LeakyReLU())
+    net.load_state_dict(eager.state_dict())
+    mc.compile_network(net, "true", "cpu", tmp_path)
+    x = MetaTensor(torch.randn(2, 1, 8, 8, 8), affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))
+    counters.clear()
+    out = net(x)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(out, eager(x.as_tensor()), rtol=1e-5, atol=1e-5)
